@@ -1,0 +1,178 @@
+"""The fused similarity log-sum-exp op behind ``info_nce`` and ``supcon``.
+
+``similarity_lse(a, b, scale, ...) -> (row_lse, col_lse)`` computes the row and column
+log-sum-exp of ``S = scale * a @ b.T`` without materializing S (contract: csrc/infonce/infonce.h).
+Every loss term beyond these two vectors is O((N + M) D) and lives in :mod:`fastxmc.losses`.
+
+Layers (Liger/flash-attn style): per-backend ``*_forward`` / ``*_backward`` free functions, one
+``torch.library`` custom op pair (with fake implementations, so ``torch.compile(fullgraph=True)``
+traces through it), autograd wiring, and the backend registry used by the public losses.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastxmc import _extension
+from fastxmc.ops.registry import Backend, OpRegistry, Request
+from fastxmc.ops.streaming.infonce import (similarity_lse_backward_torch,
+                                           similarity_lse_forward_torch)
+from fastxmc.ops.triton import infonce as triton_infonce
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- backends' kernels
+def _cpu_forward(a, b, scale, diag_offset, exclude_diag, with_cols):
+    return torch.ops.fastxmc.infonce_lse_forward(a, b, scale, diag_offset, exclude_diag, with_cols)
+
+
+def _cpu_backward(grad_row, grad_col, a, b, scale, row_lse, col_lse, diag_offset, exclude_diag,
+                  with_cols):
+    return torch.ops.fastxmc.infonce_lse_backward(grad_row, grad_col, a, b, scale, row_lse, col_lse,
+                                                  diag_offset, exclude_diag, with_cols)
+
+
+# The C++ op dispatches on the tensors' device, so "cpu" and "cuda" share the entry points.
+_KERNELS = {
+    "torch": (similarity_lse_forward_torch, similarity_lse_backward_torch),
+    "cpu": (_cpu_forward, _cpu_backward),
+    "cuda": (_cpu_forward, _cpu_backward),
+    "triton": (triton_infonce.similarity_lse_forward_triton,
+               triton_infonce.similarity_lse_backward_triton),
+}
+
+
+# ---------------------------------------------------------------- what each backend supports
+def _torch_unsupported(req: Request) -> list:
+    return [] if req.dtype.is_floating_point else [f"dtype {req.dtype} is not floating point"]
+
+
+def _cpu_unsupported(req: Request) -> list:
+    why = []
+    if not _extension.has_kernel("infonce_lse_forward", "CPU"):
+        why.append(_extension.extension_error() or "the extension has no CPU kernel")
+    if req.device.type != "cpu":
+        why.append(f"tensors are on {req.device.type}, not cpu")
+    if req.dtype not in FUSED_DTYPES + (torch.float64,):
+        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16/float64")
+    return why
+
+
+def _cuda_unsupported(req: Request) -> list:
+    why = []
+    if not _extension.extension_loaded():
+        why.append(_extension.extension_error())
+    elif not _extension.has_kernel("infonce_lse_forward", "CUDA"):
+        why.append("the extension was built without CUDA kernels (FASTXMC_CUDA=0 or no toolkit)")
+    if req.device.type != "cuda":
+        why.append(f"tensors are on {req.device.type}, not cuda")
+    if req.dtype not in FUSED_DTYPES:
+        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16")
+    return why
+
+
+def _triton_unsupported(req: Request) -> list:
+    why = []
+    reason = triton_infonce.triton_unavailable_reason(req.device)
+    if reason:
+        why.append(reason)
+    if req.dtype not in FUSED_DTYPES:
+        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16")
+    return why
+
+
+def _reference_unsupported(req: Request) -> list:
+    return _torch_unsupported(req)
+
+
+registry = OpRegistry(
+    op="info_nce/supcon",
+    # The reference is never chosen automatically while the streaming backend fits: it
+    # materializes the N x M logits. Triton on CPU (the interpreter) only runs when forced.
+    priority={"cuda": ["triton", "cuda", "torch", "reference"],
+              "cpu": ["cpu", "torch", "reference"],
+              "default": ["torch", "reference"]},
+)
+registry.register(Backend("reference", _reference_unsupported, "materialized plain PyTorch (oracle)"))
+registry.register(Backend("torch", _torch_unsupported, "streaming PyTorch, bounded memory"))
+registry.register(Backend("cpu", _cpu_unsupported, "C++ kernels (csrc/), ATen GEMM + fused epilogues"))
+registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
+registry.register(Backend("cuda", _cuda_unsupported, "C++/CUDA kernels (csrc/)"))
+
+
+# ---------------------------------------------------------------- the custom op pair
+def _acc_dtype(a: torch.Tensor) -> torch.dtype:
+    return torch.float64 if a.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastxmc::similarity_lse", mutates_args=())
+def similarity_lse_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, diag_offset: int,
+                      exclude_diag: bool, with_cols: bool, backend: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    forward, _ = _KERNELS[backend]
+    row, col = forward(a.contiguous(), b.contiguous(), scale, diag_offset, exclude_diag, with_cols)
+    return row, col
+
+
+@similarity_lse_op.register_fake
+def _(a, b, scale, diag_offset, exclude_diag, with_cols, backend):
+    acc = _acc_dtype(a)
+    return a.new_empty(a.shape[0], dtype=acc), a.new_empty(b.shape[0] if with_cols else 0, dtype=acc)
+
+
+@torch.library.custom_op("fastxmc::similarity_lse_backward", mutates_args=())
+def similarity_lse_backward_op(grad_row: torch.Tensor, grad_col: torch.Tensor, a: torch.Tensor,
+                               b: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor,
+                               col_lse: torch.Tensor, diag_offset: int, exclude_diag: bool,
+                               with_cols: bool, backend: str
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, backward = _KERNELS[backend]
+    ga, gb, gs = backward(grad_row.contiguous(), grad_col.contiguous(), a.contiguous(),
+                          b.contiguous(), scale, row_lse, col_lse, diag_offset, exclude_diag,
+                          with_cols)
+    return ga, gb, gs.reshape(())
+
+
+@similarity_lse_backward_op.register_fake
+def _(grad_row, grad_col, a, b, scale, row_lse, col_lse, diag_offset, exclude_diag, with_cols,
+      backend):
+    acc = _acc_dtype(a)
+    return (a.new_empty(a.shape, dtype=acc), b.new_empty(b.shape, dtype=acc),
+            a.new_empty((), dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, scale, diag_offset, exclude_diag, with_cols, backend = inputs
+    ctx.save_for_backward(a, b, scale, *output)
+    ctx.params = (diag_offset, exclude_diag, with_cols, backend)
+
+
+def _backward(ctx, grad_row, grad_col):
+    a, b, scale, row_lse, col_lse = ctx.saved_tensors
+    diag_offset, exclude_diag, with_cols, backend = ctx.params
+    if grad_row is None:
+        grad_row = torch.zeros_like(row_lse)
+    if grad_col is None or not with_cols:
+        grad_col = torch.zeros_like(col_lse)
+    ga, gb, gs = similarity_lse_backward_op(grad_row, grad_col, a, b, scale, row_lse, col_lse,
+                                            diag_offset, exclude_diag, with_cols, backend)
+    return (ga.to(a.dtype), gb.to(b.dtype), gs.to(scale.dtype).reshape(scale.shape),
+            None, None, None, None)
+
+
+similarity_lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def similarity_lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, backend: str,
+                   diag_offset: int = 0, exclude_diag: bool = False, with_cols: bool = True):
+    """Row and column log-sum-exp of ``scale * a @ b.T`` through the chosen fused backend.
+
+    a: (N, D), b: (M, D) float tensors; scale: 0-dim float tensor (may require grad).
+    Pairs ``(i, i + diag_offset)`` are left out when ``exclude_diag``. Returns fp32 (fp64 for fp64
+    inputs) ``row_lse`` (N,) and ``col_lse`` (M,), or an empty ``col_lse`` when ``with_cols=False``.
+    """
+    scale = scale.to(device=a.device, dtype=_acc_dtype(a)).reshape(())
+    return similarity_lse_op(a, b, scale, int(diag_offset), bool(exclude_diag), bool(with_cols),
+                             backend)

@@ -1,0 +1,48 @@
+"""Bad input raises ValueError/TypeError naming the argument and what was expected."""
+import pytest
+import torch
+
+from fastxmc.losses import InfoNCELoss, info_nce, supcon
+
+A, B = torch.randn(4, 3), torch.randn(4, 3)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: info_nce(torch.randn(4), B), ValueError, "a must be 2-D"),
+    (lambda: info_nce(A, torch.randn(4, 5)), ValueError, "b has 5 features"),
+    (lambda: info_nce(A, torch.randn(6, 3)), ValueError, "pass targets= or labels="),
+    (lambda: info_nce(A, B, targets=torch.tensor([0, 1, 2])), ValueError, r"targets must have shape \(4,\)"),
+    (lambda: info_nce(A, B, targets=torch.tensor([0, 1, 2, 4])), ValueError, r"targets values must lie in \[0, 4\)"),
+    (lambda: info_nce(A, B, targets=torch.tensor([0., 1, 2, 3])), TypeError, "targets must have an integer dtype"),
+    (lambda: info_nce(A, B, labels=torch.tensor([0, 1])), ValueError, r"labels must have shape \(4,\)"),
+    (lambda: info_nce(A, B, labels=torch.zeros(4, dtype=torch.long), labels_b=torch.zeros(3, dtype=torch.long)), ValueError, r"labels_b must have shape \(4,\)"),
+    (lambda: info_nce(A, B, labels_b=torch.zeros(4, dtype=torch.long)), ValueError, "labels_b needs labels"),
+    (lambda: info_nce(A, B, targets=torch.arange(4), labels=torch.arange(4)), ValueError, "either targets or labels"),
+    (lambda: info_nce(A, B, 0.0), ValueError, "temperature must be positive"),
+    (lambda: info_nce(A, B, -1.0), ValueError, "temperature must be positive"),
+    (lambda: info_nce(A, B, torch.tensor(-0.1)), ValueError, "temperature must be positive"),
+    (lambda: info_nce(A, B, "0.1"), TypeError, "temperature must be a positive float"),
+    (lambda: info_nce(A, B, torch.ones(2)), ValueError, "temperature must be a scalar"),
+    (lambda: info_nce(A.long(), B.long()), TypeError, "a must be float32"),
+    (lambda: info_nce(A, B.double()), TypeError, "a is torch.float32 but b is torch.float64"),
+    (lambda: info_nce(A, B, reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda: info_nce(A, B, reduction="none"), ValueError, "pass symmetric=False"),
+    (lambda: info_nce(A, B, impl="fast"), ValueError, "unknown backend impl='fast'"),
+    (lambda: info_nce([[1.0]], B), TypeError, "a must be a torch.Tensor"),
+    (lambda: supcon(A, torch.tensor([0, 1, 1])), ValueError, r"labels must have shape \(4,\)"),
+    (lambda: supcon(A, torch.tensor([0., 1, 1, 0])), TypeError, "labels must have an integer dtype"),
+    (lambda: supcon(A.int(), torch.arange(4)), TypeError, "features must be float32"),
+    (lambda: InfoNCELoss(temperature=0), ValueError, "temperature must be positive"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_forced_backend_that_cannot_run_lists_why():
+    from fastxmc.ops.registry import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="impl='cuda'.*not cuda"):
+        info_nce(A, B, impl="cuda")
+    with pytest.raises(BackendUnavailableError, match="impl='triton'.*float64"):
+        info_nce(A.double(), B.double(), impl="triton")
