@@ -26,7 +26,8 @@ class Towers(nn.Module):
         a, b = self.image(x), self.text(y)
         t = self.log_t.exp()
         if kind == "supcon":
-            return supcon(a, labels, t, impl=impl, group=group)
+            # Two views per sample (image and text features), SupCon over both.
+            return supcon(torch.cat([a, b]), labels.repeat(2), t, impl=impl, group=group)
         kw = {"labels": labels} if kind == "labels" else {}
         return info_nce(a, b, t, impl=impl, group=group, **kw)
 

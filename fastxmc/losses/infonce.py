@@ -19,6 +19,12 @@ from fastxmc.ops.registry import Request
 from fastxmc.reference.infonce import info_nce_reference, supcon_reference
 
 
+@torch._dynamo.assume_constant_result
+def _choose_backend(device: torch.device, dtype: torch.dtype, impl) -> str:
+    # Evaluated eagerly while torch.compile traces (the choice reads files and the environment).
+    return registry.select(Request(device, dtype), impl)
+
+
 # ---------------------------------------------------------------- positives without the N x M mask
 def _class_ids(*label_sets: torch.Tensor) -> list:
     """Dense class ids shared by every label set (static shapes: safe under torch.compile)."""
@@ -181,7 +187,7 @@ def info_nce(a, b, temperature=0.1, *, targets=None, labels=None, labels_b=None,
     out of the mean. Note XMC-GAN sums the two directions: that is ``2 * info_nce(...)``.
     """
     _check_info_nce(a, b, temperature, targets, labels, labels_b, reduction, symmetric, group)
-    backend = registry.select(Request(a.device, a.dtype), impl)
+    backend = _choose_backend(a.device, a.dtype, impl)
     batch = _Batch(group, a.device)
     if backend == "reference":
         return _info_nce_reference_global(a, b, temperature, targets, labels, labels_b, symmetric,
@@ -247,7 +253,7 @@ def supcon(features, labels, temperature=0.07, *, normalize=True, reduction="mea
     check.check_index_vector("labels", labels, features.shape[0], features.device)
     check.check_temperature(temperature)
     check.check_reduction(reduction)
-    backend = registry.select(Request(features.device, features.dtype), impl)
+    backend = _choose_backend(features.device, features.dtype, impl)
     batch = _Batch(group, features.device)
     sizes, offset = batch.layout(features.shape[0])
     if backend == "reference":

@@ -55,8 +55,8 @@ def check_temperature(temperature) -> None:
         if not temperature.dtype.is_floating_point:
             raise TypeError(f"temperature must be a float tensor, got {temperature.dtype}")
         # Reading a CUDA value would synchronize every call; CPU values are checked.
-        if temperature.device.type == "cpu" and _eager() and not float(temperature) > 0:
-            raise ValueError(f"temperature must be positive, got {float(temperature)}")
+        if temperature.device.type == "cpu" and _eager() and not float(temperature.detach()) > 0:
+            raise ValueError(f"temperature must be positive, got {float(temperature.detach())}")
         return
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive float or a tensor, got {temperature!r}")
