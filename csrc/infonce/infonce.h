@@ -12,7 +12,8 @@
 //   grad_a = scale * dS b          (N x D, fp32)
 //   grad_b = scale * dS^T a        (M x D, fp32)
 //   grad_scale = sum_ij dS[i, j] * (a_i . b_j)   (0-dim, fp32)
-// a and b may be float32, float16 or bfloat16; every accumulation is fp32.
+// a and b may be float32, float16 or bfloat16 (every accumulation fp32, outputs fp32); the CPU
+// kernels also take float64 (computed and returned in float64, for gradcheck).
 #pragma once
 #include <torch/types.h>
 #include <tuple>

@@ -22,6 +22,9 @@ from fastxmc.ops.triton import infonce as triton_infonce
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Register the compiled ops (torch.ops.fastxmc.*) now; a missing build is reported, not raised.
+_extension.extension_loaded()
+
 
 # ---------------------------------------------------------------- backends' kernels
 def _cpu_forward(a, b, scale, diag_offset, exclude_diag, with_cols):
