@@ -142,7 +142,7 @@ def test_modules_with_learnable_scale():
     torch.testing.assert_close(loss.detach(), info_nce_reference(a, b, 0.07), rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         loss_fn.logit_scale.fill_(10.0)  # exp(10) > 100: clamped like CLIP
-    assert float(loss_fn.temperature()) == pytest.approx(0.01)
+    assert float(loss_fn.temperature().detach()) == pytest.approx(0.01)
     labels = torch.randint(0, 3, (16,))
     torch.testing.assert_close(SupConLoss(0.2)(a, labels), supcon_reference(a, labels, 0.2))
 
