@@ -20,14 +20,15 @@ class TwoTower(nn.Module):
         return info_nce(a, b, t, labels=labels, impl=self.impl) + supcon(a, labels, t, impl=self.impl)
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
-def test_compiled_model_matches_eager(impl):
+@pytest.mark.parametrize("impl,compiler", [("cpu", "aot_eager"), ("torch", "aot_eager"),
+                                           ("cpu", "inductor")])
+def test_compiled_model_matches_eager(impl, compiler):
     torch._dynamo.reset()
     model = TwoTower(impl)
     x, y, labels = torch.randn(12, 8), torch.randn(12, 5), torch.randint(0, 3, (12,))
     eager = model(x, y, labels)
     eager_grads = torch.autograd.grad(eager, list(model.parameters()))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     out = compiled(x, y, labels)
     grads = torch.autograd.grad(out, list(model.parameters()))
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
