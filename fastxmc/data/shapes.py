@@ -1,0 +1,597 @@
+"""The embedded synthetic dataset: captioned coloured shapes on textured backgrounds.
+
+Every image (``resolution`` x ``resolution`` RGB, 64 by default) holds one or two objects on a
+background. Each object has a **shape** (:data:`SHAPES`), a **color** (:data:`COLORS`, a palette of
+saturated, well separated colours), a **size** (:data:`SIZES`) and a **position**, one cell of a
+3x3 grid (:data:`POSITIONS`: ``"top left"``, ``"top"``, ... ``"center"``, ... ``"bottom right"``).
+The background is a gradient, stripes, a checkerboard or speckle (:data:`BACKGROUND_KINDS`) in a
+muted colour (:data:`BACKGROUND_COLORS`, none of them an object colour word).
+
+Captions: ``n_captions`` (5 by default) distinct captions per image from varied templates, e.g.
+``"a small red circle at the top left"``, ``"in the middle there is a blue star"``,
+``"a green square above a large pink cross"``, ``"a triangle colored yellow on the right"``. Every
+caption names the shape and the color of the *primary* object (object 0) with their canonical words;
+sizes, positions and the background are mentioned by some captions only, with synonyms. Captions are
+lower case, without a final period, and at most 15 words long.
+
+Class label (for the label-guided losses): the primary object's shape and colour,
+``label = SHAPES.index(shape) * len(COLORS) + COLORS.index(color)``; :data:`LABEL_NAMES` gives
+``"red circle"``-style names, :data:`NUM_CLASSES` = 6 x 8 = 48. In ``captions.jsonl`` the entry is
+``"labels": [label]``.
+
+Determinism: image ``i`` of split ``s`` is drawn from ``numpy.random.default_rng([seed, SPLIT_IDS[s],
+i])``, so the same config gives byte-identical PNGs and identical captions, a different seed
+gives different data, train and val come from disjoint streams, and the first ``k`` images of a
+split do not depend on the split's size.
+
+On disk (see :func:`write_shapes_dataset`)::
+
+    ROOT/meta.json                       config, vocabularies, label names, hashes
+    ROOT/<split>/captions.jsonl          the ``folder`` format (fastxmc.data.folder)
+    ROOT/<split>/images/000000.png ...
+    ROOT/<split>/attributes.jsonl        per-image attribute records, same order as captions.jsonl
+
+``ensure_shapes_dataset(cfg)`` writes it once under :func:`default_cache_dir` (keyed by the config
+hash) and returns the root. ``python -m fastxmc.data.shapes --out DIR`` writes one by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from fastxmc.data.folder import Record, write_records
+
+__all__ = [
+    "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "POSITIONS", "BACKGROUND_KINDS", "BACKGROUND_COLORS",
+    "LABEL_NAMES", "NUM_CLASSES", "SPLIT_IDS", "GENERATOR_VERSION", "ShapesConfig", "Sample",
+    "label_of", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
+    "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete",
+]
+
+# Bump when the images or captions a given config produces change: it is part of the cache key.
+GENERATOR_VERSION = 1
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
+COLOR_RGB = {
+    "red": (220, 30, 30),
+    "orange": (255, 140, 0),
+    "yellow": (245, 220, 30),
+    "green": (40, 180, 60),
+    "cyan": (30, 205, 225),
+    "blue": (40, 70, 235),
+    "purple": (150, 50, 205),
+    "pink": (255, 115, 195),
+}
+COLORS = tuple(COLOR_RGB)
+SIZES = ("small", "large")
+# Row-major 3x3 grid: POSITIONS[row * 3 + col].
+POSITIONS = ("top left", "top", "top right", "left", "center", "right",
+             "bottom left", "bottom", "bottom right")
+BACKGROUND_KINDS = ("gradient", "stripes", "checkered", "speckled")
+BACKGROUND_RGB = {
+    "black": (38, 38, 42),
+    "gray": (125, 125, 128),
+    "white": (222, 222, 218),
+    "brown": (112, 82, 58),
+}
+BACKGROUND_COLORS = tuple(BACKGROUND_RGB)
+
+NUM_CLASSES = len(SHAPES) * len(COLORS)
+LABEL_NAMES = tuple(f"{c} {s}" for s in SHAPES for c in COLORS)
+SPLIT_IDS = {"train": 0, "val": 1}
+
+# Geometry, as fractions of the resolution.
+_HALF_SIZE = {"small": 0.08, "large": 0.14}
+_JITTER = 0.02
+
+
+def label_of(shape: str, color: str) -> int:
+    """Class id of a (shape, color) pair: ``SHAPES.index(shape) * len(COLORS) + COLORS.index(color)``."""
+    return SHAPES.index(shape) * len(COLORS) + COLORS.index(color)
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """What to generate. Every field is part of the cache key (:func:`config_hash`)."""
+    resolution: int = 64
+    n_train: int = 20000
+    n_val: int = 1000
+    seed: int = 0
+    max_objects: int = 2            # 1 or 2 objects per image
+    two_object_prob: float = 0.5    # probability of a second object when max_objects == 2
+    n_captions: int = 5             # distinct captions per image
+    supersample: int = 4            # antialiasing factor for the shapes
+
+    def __post_init__(self):
+        if not (16 <= self.resolution <= 1024):
+            raise ValueError(f"resolution must be in [16, 1024], got {self.resolution}")
+        if self.n_train < 0 or self.n_val < 0:
+            raise ValueError(f"split sizes must be >= 0, got n_train={self.n_train} n_val={self.n_val}")
+        if self.max_objects not in (1, 2):
+            raise ValueError(f"max_objects must be 1 or 2, got {self.max_objects}")
+        if not (0.0 <= self.two_object_prob <= 1.0):
+            raise ValueError(f"two_object_prob must be in [0, 1], got {self.two_object_prob}")
+        if not (1 <= self.n_captions <= 10):
+            raise ValueError(f"n_captions must be in [1, 10], got {self.n_captions}")
+        if not (1 <= self.supersample <= 8):
+            raise ValueError(f"supersample must be in [1, 8], got {self.supersample}")
+
+    def split_sizes(self) -> dict:
+        return {"train": self.n_train, "val": self.n_val}
+
+
+class Sample(NamedTuple):
+    image: np.ndarray      # (resolution, resolution, 3) uint8
+    captions: list
+    label: int
+    attributes: dict
+
+
+def sample_rng(cfg: ShapesConfig, split: str, index: int) -> np.random.Generator:
+    """The generator that draws image ``index`` of ``split``."""
+    return np.random.default_rng([cfg.seed, SPLIT_IDS[split], index])
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing
+
+
+@lru_cache(maxsize=8)
+def _grid(res: int):
+    y, x = np.mgrid[0:res, 0:res].astype(np.float32)
+    return (x + 0.5) / res, (y + 0.5) / res     # in (0, 1)
+
+
+def _background(rng: np.random.Generator, res: int, kind: str, color: str) -> np.ndarray:
+    base = np.array(BACKGROUND_RGB[color], np.float32)
+    x, y = _grid(res)
+    if kind == "gradient":
+        angle = rng.uniform(0, 2 * math.pi)
+        t = (x - 0.5) * math.cos(angle) + (y - 0.5) * math.sin(angle)   # about [-0.7, 0.7]
+        amp = rng.uniform(55, 85)
+        img = base + (t * amp)[..., None]
+    elif kind == "stripes":
+        orient = rng.integers(4)
+        u = (x, y, (x + y) * 0.7071, (x - y) * 0.7071)[orient]
+        period = rng.uniform(0.09, 0.16)
+        phase = rng.uniform(0, 2 * math.pi)
+        img = base + (np.sin(2 * math.pi * u / period + phase) * 22.0)[..., None]
+    elif kind == "checkered":
+        cell = rng.uniform(0.09, 0.16)
+        ox, oy = rng.uniform(0, cell, 2)
+        c = (np.floor((x + ox) / cell) + np.floor((y + oy) / cell)) % 2
+        img = base + ((c * 2 - 1) * 18.0)[..., None]
+    elif kind == "speckled":
+        lum = rng.normal(0, 14, (res, res, 1)).astype(np.float32)
+        chroma = rng.normal(0, 6, (res, res, 3)).astype(np.float32)
+        img = base + lum + chroma
+    else:  # pragma: no cover - guarded by BACKGROUND_KINDS
+        raise ValueError(kind)
+    return np.broadcast_to(img, (res, res, 3)).astype(np.float32)
+
+
+def _unit_polygon(shape: str):
+    if shape == "square":
+        s = 0.84
+        return [(-s, -s), (s, -s), (s, s), (-s, s)]
+    if shape == "triangle":
+        return [(0.0, -1.0), (1.0, 0.8), (-1.0, 0.8)]
+    if shape == "diamond":
+        return [(0.0, -1.0), (0.72, 0.0), (0.0, 1.0), (-0.72, 0.0)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            r = 1.0 if k % 2 == 0 else 0.45
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((r * math.cos(a), r * math.sin(a) + 0.1))
+        return pts
+    if shape == "cross":
+        w = 0.34
+        return [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1),
+                (-w, w), (-1, w), (-1, -w), (-w, -w)]
+    raise ValueError(shape)
+
+
+def _alpha(shape: str, cx: float, cy: float, half: float, x0: int, y0: int, w: int, h: int,
+           ss: int) -> np.ndarray:
+    """Coverage in [0, 1] of the shape over the pixel box [x0, x0+w) x [y0, y0+h)."""
+    canvas = Image.new("L", (w * ss, h * ss), 0)
+    draw = ImageDraw.Draw(canvas)
+    px, py, r = (cx - x0) * ss, (cy - y0) * ss, half * ss
+    if shape == "circle":
+        draw.ellipse([px - r, py - r, px + r, py + r], fill=255)
+    else:
+        draw.polygon([(px + u * r, py + v * r) for u, v in _unit_polygon(shape)], fill=255)
+    if ss > 1:
+        canvas = canvas.resize((w, h), Image.BOX)
+    return np.asarray(canvas, np.float32)[..., None] * (1.0 / 255.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions
+
+_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+_POS_WORDS = {
+    "top left": ("at the top left", "in the upper left", "in the top left corner"),
+    "top": ("at the top", "near the top", "at the top center"),
+    "top right": ("at the top right", "in the upper right", "in the top right corner"),
+    "left": ("on the left", "at the left", "on the left side"),
+    "center": ("in the center", "in the middle", "at the center"),
+    "right": ("on the right", "at the right", "on the right side"),
+    "bottom left": ("at the bottom left", "in the lower left", "in the bottom left corner"),
+    "bottom": ("at the bottom", "near the bottom", "at the bottom center"),
+    "bottom right": ("at the bottom right", "in the lower right", "in the bottom right corner"),
+}
+_REL_WORDS = {"above": ("above", "over"), "below": ("below", "under", "beneath"),
+              "left of": ("to the left of", "left of"), "right of": ("to the right of", "right of")}
+_INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+_BG_ADJ = {"gradient": ("gradient",), "stripes": ("striped",), "checkered": ("checkered",),
+           "speckled": ("speckled", "noisy")}
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _relation(o0: dict, o1: dict) -> str:
+    """Where object 0 is relative to object 1."""
+    dr, dc = o1["row"] - o0["row"], o1["col"] - o0["col"]
+    if dr != 0 and abs(dr) >= abs(dc):
+        return "above" if dr > 0 else "below"
+    return "left of" if dc > 0 else "right of"
+
+
+class _Words:
+    """Random wordings of one image's parts (each call may pick a different synonym)."""
+
+    def __init__(self, rng, objects, background, relation):
+        self.rng, self.o, self.bg, self.rel = rng, objects, background, relation
+
+    def pick(self, options):
+        return options[int(self.rng.integers(len(options)))]
+
+    def np(self, k, size=None):                      # noun phrase with article
+        o = self.o[k]
+        if size is None:
+            size = bool(self.rng.integers(2))
+        words = f"{self.pick(_SIZE_WORDS[o['size']])} " if size else ""
+        return _a(f"{words}{o['color']} {o['shape']}")
+
+    def pos(self, k, short=False):
+        opts = _POS_WORDS[self.o[k]["position"]]
+        return self.pick(opts[:2] if short else opts)
+
+    def bgp(self):
+        kind, color = self.bg["kind"], self.bg["color"]
+        adj = self.pick(_BG_ADJ[kind])
+        if kind == "gradient":
+            return self.pick((f"on a {color} gradient", f"on a {color} gradient background",
+                              f"against a {color} gradient"))
+        return self.pick((f"on {_a(adj)} {color} background", f"against {_a(adj)} {color} background"))
+
+    def rel01(self):
+        return self.pick(_REL_WORDS[self.rel])
+
+    def rel10(self):
+        return self.pick(_REL_WORDS[_INVERSE[self.rel]])
+
+
+_ONE = (
+    lambda w: f"{w.np(0)} {w.pos(0)}",
+    lambda w: f"{w.np(0, False)} {w.pos(0)} {w.bgp()}",
+    lambda w: f"{w.np(0, True)} {w.bgp()}",
+    lambda w: f"there is {w.np(0)} {w.pos(0)}",
+    lambda w: f"{w.pos(0)} there is {w.np(0)}",
+    lambda w: f"{w.pos(0)}, {w.np(0, True)}",
+    lambda w: f"{w.pick(('a picture of', 'an image of', 'a drawing of'))} {w.np(0, True)}",
+    lambda w: f"{_a(w.o[0]['shape'])} colored {w.o[0]['color']} {w.pos(0)}",
+    lambda w: (f"{w.pick(_SIZE_WORDS[w.o[0]['size']])} {w.o[0]['color']} {w.o[0]['shape']} "
+               f"{w.pos(0)}"),
+    lambda w: f"{w.np(0)}, {w.pick(('alone', 'by itself', 'on its own'))}, {w.pos(0, True)}",
+)
+_TWO = (
+    lambda w: f"{w.np(0)} {w.rel01()} {w.np(1)}",
+    lambda w: f"{w.np(0, False)} {w.rel01()} {w.np(1, False)} {w.bgp()}",
+    lambda w: f"{w.np(0, True)} and {w.np(1, True)}",
+    lambda w: f"{w.np(0, False)} {w.pos(0, True)} and {w.np(1, False)} {w.pos(1, True)}",
+    lambda w: f"there is {w.np(0)} {w.rel01()} {w.np(1)}",
+    lambda w: f"{w.np(1)} {w.rel10()} {w.np(0)}",
+    lambda w: f"two shapes: {w.np(0)} and {w.np(1)}",
+    lambda w: f"{w.np(0, False)} and {w.np(1, False)} {w.bgp()}",
+    lambda w: f"{w.np(0, False)} {w.pos(0, True)}, {w.np(1, False)} {w.rel10()} it",
+)
+
+
+def _captions(rng, objects, background, relation, n: int) -> list[str]:
+    words = _Words(rng, objects, background, relation)
+    templates = _TWO if len(objects) == 2 else _ONE
+    out: list[str] = []
+    for _ in range(20):
+        for t in rng.permutation(len(templates)):
+            c = templates[int(t)](words)
+            if c not in out:
+                out.append(c)
+                if len(out) == n:
+                    return out
+    raise RuntimeError(f"could not draw {n} distinct captions")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------
+# One sample
+
+
+def generate_sample(rng: np.random.Generator, cfg: ShapesConfig) -> Sample:
+    """Draw one image with its captions, class label and attribute record.
+
+    ``attributes``: ``{"objects": [{"shape", "color", "size", "position", "row", "col",
+    "center": [x, y] (fractions of the width/height), "half_size" (fraction)}, ...],
+    "background": {"kind", "color"}, "relation": "above"|"below"|"left of"|"right of"|None
+    (object 0 relative to object 1), "label": int}``. Object 0 is the primary object.
+    """
+    res, ss = cfg.resolution, cfg.supersample
+    n_obj = 2 if cfg.max_objects == 2 and rng.random() < cfg.two_object_prob else 1
+    cells = rng.choice(9, size=n_obj, replace=False)
+    objects, used = [], set()
+    for cell in cells:
+        while True:
+            shape, color = SHAPES[int(rng.integers(len(SHAPES)))], COLORS[int(rng.integers(len(COLORS)))]
+            if (shape, color) not in used:
+                break
+        used.add((shape, color))
+        size = SIZES[int(rng.integers(len(SIZES)))]
+        row, col = divmod(int(cell), 3)
+        jx, jy = rng.uniform(-_JITTER, _JITTER, 2)
+        objects.append({"shape": shape, "color": color, "size": size, "position": POSITIONS[int(cell)],
+                        "row": row, "col": col,
+                        "center": [round((col + 0.5) / 3 + jx, 4), round((row + 0.5) / 3 + jy, 4)],
+                        "half_size": _HALF_SIZE[size]})
+    background = {"kind": BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))],
+                  "color": BACKGROUND_COLORS[int(rng.integers(len(BACKGROUND_COLORS)))]}
+
+    img = _background(rng, res, background["kind"], background["color"]).copy()
+    for o in objects:
+        rgb = np.array(COLOR_RGB[o["color"]], np.float32) + rng.integers(-10, 11, 3).astype(np.float32)
+        cx, cy, half = o["center"][0] * res, o["center"][1] * res, o["half_size"] * res
+        x0, y0 = max(int(math.floor(cx - half)) - 1, 0), max(int(math.floor(cy - half)) - 1, 0)
+        x1, y1 = min(int(math.ceil(cx + half)) + 1, res), min(int(math.ceil(cy + half)) + 1, res)
+        a = _alpha(o["shape"], cx, cy, half, x0, y0, x1 - x0, y1 - y0, ss)
+        region = img[y0:y1, x0:x1]
+        region += (rgb - region) * a
+    image = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+    relation = _relation(objects[0], objects[1]) if n_obj == 2 else None
+    label = label_of(objects[0]["shape"], objects[0]["color"])
+    captions = _captions(rng, objects, background, relation, cfg.n_captions)
+    attributes = {"objects": objects, "background": background, "relation": relation, "label": label}
+    return Sample(image, captions, label, attributes)
+
+
+# ----------------------------------------------------------------------------------------------
+# On disk
+
+
+def config_hash(cfg: ShapesConfig) -> str:
+    """sha256 of the config and :data:`GENERATOR_VERSION` (the cache key)."""
+    payload = json.dumps({"generator_version": GENERATOR_VERSION, **dataclasses.asdict(cfg)},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$FASTXMC_CACHE``, else ``$XDG_CACHE_HOME/fastxmc``, else ``~/.cache/fastxmc``."""
+    if os.environ.get("FASTXMC_CACHE"):
+        return Path(os.environ["FASTXMC_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastxmc"
+
+
+def _read_meta(root: Path) -> dict | None:
+    try:
+        with open(root / "meta.json", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(root, cfg: ShapesConfig) -> bool:
+    """Whether ``root`` holds a complete shapes dataset generated from ``cfg``."""
+    root = Path(root)
+    meta = _read_meta(root)
+    if not meta or not meta.get("complete") or meta.get("config_hash") != config_hash(cfg):
+        return False
+    return all((root / s / "captions.jsonl").is_file() for s in meta.get("splits", {}))
+
+
+def read_attributes(folder) -> list[dict]:
+    """The attribute records of one split folder, in the order of its ``captions.jsonl``."""
+    path = Path(folder) / "attributes.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"attribute file {path} not found")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:          # exists, owned by someone else
+        return True
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def _tmp_prefix(root: Path) -> str:
+    return f".{root.name}.tmp-"
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove temp dirs of earlier, interrupted generations (their process is gone)."""
+    if not root.parent.is_dir():
+        return
+    for p in root.parent.glob(_tmp_prefix(root) + "*"):
+        try:
+            pid = int(p.name[len(_tmp_prefix(root)):].split("-")[0])
+        except ValueError:
+            continue
+        if p.is_dir() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, every: float = 2.0):
+        self.enabled, self.total, self.every = enabled, total, every
+        self.t0 = self.last = time.monotonic()
+
+    def __call__(self, done: int, split: str, force: bool = False):
+        now = time.monotonic()
+        if self.enabled and (force or now - self.last >= self.every):
+            self.last = now
+            rate = done / max(now - self.t0, 1e-9)
+            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            print(f"fastxmc.data.shapes: {done}/{self.total} images ({split}), {rate:.0f} img/s, "
+                  f"eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def _write_split(out: Path, split: str, cfg: ShapesConfig, h, progress: _Progress, done: int) -> int:
+    n = cfg.split_sizes()[split]
+    (out / "images").mkdir(parents=True)
+    records, attrs = [], []
+    h.update(f"split {split} {n}\n".encode())
+    for i in range(n):
+        s = generate_sample(sample_rng(cfg, split, i), cfg)
+        name = f"images/{i:06d}.png"
+        buf = io.BytesIO()
+        Image.fromarray(s.image).save(buf, format="PNG", compress_level=1)
+        data = buf.getvalue()
+        with open(out / name, "wb") as f:
+            f.write(data)
+        rec = Record(name, s.captions, [s.label])
+        h.update(data)
+        h.update(json.dumps(rec.to_json(), sort_keys=True).encode())
+        records.append(rec)
+        attrs.append(json.dumps({"image": name, **s.attributes}, separators=(",", ":")))
+        done += 1
+        progress(done, split)
+    write_records(out, records)
+    (out / "attributes.jsonl").write_text("\n".join(attrs) + "\n", encoding="utf-8")
+    return done
+
+
+def write_shapes_dataset(root, cfg: ShapesConfig | None = None, progress: bool = True,
+                         overwrite: bool = False) -> Path:
+    """Generate the dataset of ``cfg`` into ``root`` (see the module docstring for the layout).
+
+    Idempotent: if ``root`` already holds a complete dataset of the same config (and generator
+    version) it returns at once. Atomic: everything is written into a sibling temp directory that
+    is renamed to ``root`` at the end, so an interrupted run never leaves something that looks
+    complete; temp dirs left by dead processes are removed. A ``root`` that holds anything else
+    is an error unless ``overwrite``. Concurrent calls (e.g. one per rank) are safe.
+    """
+    cfg = cfg or ShapesConfig()
+    root = Path(root)
+    if is_complete(root, cfg):
+        return root
+    if root.exists() and not overwrite and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{root} exists and does not hold a shapes dataset with this config "
+                              f"(hash {config_hash(cfg)[:16]}); pass overwrite=True or use another path")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(root)
+    tmp = root.parent / f"{_tmp_prefix(root)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    sizes = {s: n for s, n in cfg.split_sizes().items() if n > 0}
+    prog = _Progress(progress, sum(sizes.values()))
+    t0 = time.monotonic()
+    if progress:
+        print(f"fastxmc.data.shapes: generating {sizes} images at {cfg.resolution}px into {root}",
+              file=sys.stderr, flush=True)
+    try:
+        tmp.mkdir()
+        h = hashlib.sha256()
+        done = 0
+        for split in sizes:
+            done = _write_split(tmp / split, split, cfg, h, prog, done)
+        meta = {
+            "format": "fastxmc-shapes",
+            "generator_version": GENERATOR_VERSION,
+            "config": dataclasses.asdict(cfg),
+            "config_hash": config_hash(cfg),
+            "content_sha256": h.hexdigest(),
+            "splits": {s: {"folder": s, "n": n} for s, n in sizes.items()},
+            "num_classes": NUM_CLASSES,
+            "label_names": list(LABEL_NAMES),
+            "label_definition": "SHAPES.index(shape) * len(COLORS) + COLORS.index(color) "
+                                "of the primary object (objects[0])",
+            "vocab": {"shapes": list(SHAPES), "colors": list(COLORS), "sizes": list(SIZES),
+                      "positions": list(POSITIONS), "background_kinds": list(BACKGROUND_KINDS),
+                      "background_colors": list(BACKGROUND_COLORS)},
+            "complete": True,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        if root.exists():
+            if overwrite and not is_complete(root, cfg):
+                old = root.parent / f"{_tmp_prefix(root)}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
+                os.replace(root, old)
+                shutil.rmtree(old, ignore_errors=True)
+            elif root.is_dir() and not any(root.iterdir()):
+                root.rmdir()
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if is_complete(root, cfg):      # another process finished first
+                return root
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    prog(sum(sizes.values()), "done", force=True)
+    if progress:
+        print(f"fastxmc.data.shapes: wrote {root} in {time.monotonic() - t0:.1f}s",
+              file=sys.stderr, flush=True)
+    return root
+
+
+def ensure_shapes_dataset(cfg: ShapesConfig | None = None, cache_dir=None,
+                          progress: bool = True) -> Path:
+    """The root of the dataset of ``cfg`` under ``cache_dir/shapes/<hash16>``, generated if missing."""
+    cfg = cfg or ShapesConfig()
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return write_shapes_dataset(base / "shapes" / config_hash(cfg)[:16], cfg, progress=progress)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastxmc.data.shapes",
+                                description="Write the embedded shapes dataset in the folder format.")
+    p.add_argument("--out", help="dataset root (default: the cache, see default_cache_dir())")
+    d = ShapesConfig()
+    for f in dataclasses.fields(ShapesConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)),
+                       default=getattr(d, f.name))
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    cfg = ShapesConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ShapesConfig)})
+    if args.out:
+        root = write_shapes_dataset(args.out, cfg, overwrite=args.overwrite)
+    else:
+        root = ensure_shapes_dataset(cfg)
+    print(root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
