@@ -27,11 +27,11 @@ _extension.extension_loaded()
 
 
 # ---------------------------------------------------------------- backends' kernels
-def _cpu_forward(a, b, scale, diag_offset, exclude_diag, with_cols):
+def _native_forward(a, b, scale, diag_offset, exclude_diag, with_cols):
     return torch.ops.fastxmc.infonce_lse_forward(a, b, scale, diag_offset, exclude_diag, with_cols)
 
 
-def _cpu_backward(grad_row, grad_col, a, b, scale, row_lse, col_lse, diag_offset, exclude_diag,
+def _native_backward(grad_row, grad_col, a, b, scale, row_lse, col_lse, diag_offset, exclude_diag,
                   with_cols):
     return torch.ops.fastxmc.infonce_lse_backward(grad_row, grad_col, a, b, scale, row_lse, col_lse,
                                                   diag_offset, exclude_diag, with_cols)
@@ -40,8 +40,8 @@ def _cpu_backward(grad_row, grad_col, a, b, scale, row_lse, col_lse, diag_offset
 # The C++ op dispatches on the tensors' device, so "cpu" and "cuda" share the entry points.
 _KERNELS = {
     "torch": (similarity_lse_forward_torch, similarity_lse_backward_torch),
-    "cpu": (_cpu_forward, _cpu_backward),
-    "cuda": (_cpu_forward, _cpu_backward),
+    "cpu": (_native_forward, _native_backward),
+    "cuda": (_native_forward, _native_backward),
     "triton": (triton_infonce.similarity_lse_forward_triton,
                triton_infonce.similarity_lse_backward_triton),
 }
