@@ -8,7 +8,7 @@ DEPS   := $(VENV)/.deps-installed
 .PHONY: demo test bench build setup info clean
 
 demo: build  ## the main job (until the training engine lands: a small loss benchmark)
-	$(PY) -m benchmarks.bench_infonce --quick
+	$(PY) -m benchmarks.bench_infonce --quick --out build/demo_infonce.csv
 
 test: build  ## the whole suite; Triton kernels run in the interpreter on CPU tensors
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests

@@ -440,8 +440,10 @@ def print_summary(op: str, rows: list, args, device, dtype) -> None:
             print(f"  {label:<28} n/a (baseline not measured)  target {op_sign} {target:g}{unit}")
             continue
         ok = value >= target if op_sign == ">=" else value <= target
+        # A verdict only where the target is defined; smaller runs (--quick) just show the ratio.
+        verdict = _verdict(ok) if shape_ok else "(not judged at this size)"
         print(f"  {label:<28} {value:9.2f}{unit:<3}  target {op_sign} {target:g}{unit}  "
-              f"{_verdict(ok)}", flush=True)
+              f"{verdict}", flush=True)
 
 
 # ---------------------------------------------------------------- command line
