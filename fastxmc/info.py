@@ -24,9 +24,15 @@ def _version(module: str) -> str | None:
 
 
 def _registries() -> dict:
+    # Import the registries by module path: the package re-exports functions of the same names.
     from fastxmc.ops.infonce import registry as infonce_registry
+    from fastxmc.ops.modulated_bn import registry as modulated_bn_registry
+    from fastxmc.ops.region_word import registry as region_word_registry
+    from fastxmc.ops.word_attention import registry as word_attention_registry
 
-    return {"info_nce": infonce_registry, "supcon": infonce_registry}
+    return {"info_nce": infonce_registry, "supcon": infonce_registry,
+            "region_word_loss": region_word_registry, "word_attention": word_attention_registry,
+            "modulated_batch_norm": modulated_bn_registry}
 
 
 def _devices() -> list:
