@@ -1,0 +1,116 @@
+"""XMC-GAN discriminator (xmcgan.md section 4, checked against the authors' ``xmc_net.Discriminator``).
+
+    h      = optimized block, then pre-activation down-blocks                images in [0, 1], as given
+    p      = sum over H, W of ReLU(h)                                       (B, 16w) global feature
+    e      = Linear(text_dim -> 16w)(sentence)                              (B, 16w) sentence projection
+    logit  = Linear(16w -> 1)(p) + <p, e>                                   projection discriminator
+    regions= conv1x1(text_dim) of the 16x16 block output, flattened         (B, 256, text_dim)
+
+Spectral norm on every conv and linear layer (one power iteration per training forward, u updated
+only in training), Glorot-normal weights, zero biases, a bias on every layer.
+
+Width multipliers (optimized block, then (multiplier, downsample) per block); every architecture ends
+with two 16w blocks at 4x4:
+    32:  4 | 8, 16, 16(no down)             64: 2 | 4, 8, 16, 16(no down)
+    128: 1 | 2, 4, 8, 16, 16(no down) (code)     256: 1 | 2, 4, 8, 8, 16, 16(no down) (code)
+32 and 64 are ours: every spatial size keeps the 128 model's width (regions at 16x16 have 4w
+channels; 8w at 256).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastxmc.models.blocks import (DownBlock, OptimizedDownBlock, add_spectral_norm_, conv1x1,
+                                   init_glorot_)
+
+D_ARCHITECTURES = {
+    32: (4, ((8, True), (16, True), (16, False))),
+    64: (2, ((4, True), (8, True), (16, True), (16, False))),
+    128: (1, ((2, True), (4, True), (8, True), (16, True), (16, False))),
+    256: (1, ((2, True), (4, True), (8, True), (8, True), (16, True), (16, False))),
+}
+REGION_SIZE = 16  # region features come from the 16x16 map: R = 256
+
+
+class DiscriminatorOutput(NamedTuple):
+    logits: torch.Tensor    # (N,) projection-discriminator logit per image
+    features: torch.Tensor  # (N, 16w) sum-pooled global feature p
+    regions: torch.Tensor   # (N, 256, text_dim) region features for the word loss
+    sentence: torch.Tensor  # (B, 16w) sentence projection e (N = k * B, see Discriminator.forward)
+
+
+def _build_blocks(resolution: int, width: int):
+    """The block list and the index of the block whose output is the 16x16 region map."""
+    first, rest = D_ARCHITECTURES[resolution]
+    blocks = [OptimizedDownBlock(3, first * width)]
+    channels, size = first * width, resolution // 2
+    region_block = 0 if size == REGION_SIZE else None
+    for multiplier, downsample in rest:
+        blocks.append(DownBlock(channels, multiplier * width, downsample))
+        channels, size = multiplier * width, size // 2 if downsample else size
+        if size == REGION_SIZE:
+            region_block = len(blocks) - 1
+    return nn.ModuleList(blocks), region_block, blocks[region_block].conv2.out_channels
+
+
+class Discriminator(nn.Module):
+    """D(images, sentence) -> :class:`DiscriminatorOutput`.
+
+    Args:
+        resolution: 32, 64, 128 or 256.
+        text_dim: width of the sentence and word embeddings (768 for BERT-base).
+        width: base channel width df (96; smaller for the CPU presets).
+    """
+
+    def __init__(self, resolution: int, text_dim: int, width: int = 96):
+        super().__init__()
+        if resolution not in D_ARCHITECTURES:
+            raise ValueError(f"resolution must be one of {sorted(D_ARCHITECTURES)}, got {resolution!r}")
+        for name, value in (("text_dim", text_dim), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.resolution, self.text_dim, self.width = resolution, text_dim, width
+        self.blocks, self.region_block, region_channels = _build_blocks(resolution, width)
+        feature_dim = D_ARCHITECTURES[resolution][1][-1][0] * width
+        self.feature_dim = feature_dim
+        self.head = nn.Linear(feature_dim, 1)
+        self.sentence_proj = nn.Linear(text_dim, feature_dim)
+        self.region_proj = conv1x1(region_channels, text_dim)
+        init_glorot_(self)
+        add_spectral_norm_(self)
+
+    def _check_inputs(self, images, sentence) -> None:
+        res = self.resolution
+        if (not isinstance(images, torch.Tensor) or images.dim() != 4
+                or tuple(images.shape[1:]) != (3, res, res)):
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must have shape (N, 3, {res}, {res}), got {shape}")
+        if not isinstance(sentence, torch.Tensor) or sentence.dim() != 2 \
+                or sentence.shape[1] != self.text_dim:
+            shape = tuple(sentence.shape) if isinstance(sentence, torch.Tensor) else type(sentence).__name__
+            raise ValueError(f"sentence must have shape (B, {self.text_dim}), got {shape}")
+        if sentence.shape[0] == 0 or images.shape[0] % sentence.shape[0]:
+            raise ValueError(f"the image count ({images.shape[0]}) must be a multiple of the sentence "
+                             f"count ({sentence.shape[0]})")
+
+    def forward(self, images: torch.Tensor, sentence: torch.Tensor) -> DiscriminatorOutput:
+        """images (N, 3, res, res) in [0, 1], sentence (B, text_dim) with N = k * B: the sentences are
+        tiled k times for the projection (as the reference code does for concat(real, fake) with
+        k = 2). Returns logits (N,), features (N, 16w), regions (N, 256, text_dim), sentence (B, 16w).
+        """
+        self._check_inputs(images, sentence)
+        h = images
+        for index, block in enumerate(self.blocks):
+            h = block(h)
+            if index == self.region_block:
+                region_map = h                                         # (N, C, 16, 16), pre-ReLU
+        features = F.relu(h).sum(dim=(2, 3))                           # (N, 16w)
+        sentence_emb = self.sentence_proj(sentence)                    # (B, 16w)
+        tiled = sentence_emb.repeat(images.shape[0] // sentence.shape[0], 1)
+        logits = self.head(features).squeeze(1) + (features * tiled).sum(dim=1)
+        regions = self.region_proj(region_map).flatten(2).transpose(1, 2)  # (N, 256, text_dim)
+        return DiscriminatorOutput(logits, features, regions, sentence_emb)
