@@ -151,8 +151,9 @@ struct Scratch {
         word(at::empty({nthreads, T}, opts)) {}
 };
 
-// The normalised words W (B, T, D) with padding rows zeroed, their inverse norms and whether each
-// word's norm guard is inactive (1) or active / padding (0).
+// The normalised words W (B, T, D), their inverse norms and whether each word's norm guard is
+// inactive (1) or active (0). Padding words are all 0, so they take no part in any product and
+// get a zero gradient.
 struct Words {
   at::Tensor normed, inv, unclamped;  // (B, T, D), (B, T), (B, T) in the working dtype
 };
@@ -169,11 +170,15 @@ Words normalise_words(const at::Tensor& words, const bool* mask) {
   at::parallel_for(0, B * T, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(D, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      if (!mask[i]) {  // padding: zeros, whatever the values (even non-finite ones)
+        std::fill(wn + i * D, wn + (i + 1) * D, scalar_t(0));
+        inv[i] = keep[i] = scalar_t(0);
+        continue;
+      }
       const InvNorm<scalar_t> n = inv_norm(w + i * D, D);
-      const scalar_t f = mask[i] ? n.inv : scalar_t(0);
-      for (int64_t k = 0; k < D; ++k) wn[i * D + k] = w[i * D + k] * f;
+      for (int64_t k = 0; k < D; ++k) wn[i * D + k] = w[i * D + k] * n.inv;
       inv[i] = n.inv;
-      keep[i] = (mask[i] && n.unclamped) ? scalar_t(1) : scalar_t(0);
+      keep[i] = n.unclamped ? scalar_t(1) : scalar_t(0);
     }
   });
   return out;

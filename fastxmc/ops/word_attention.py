@@ -155,6 +155,12 @@ word_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- public API
+@torch._dynamo.assume_constant_result
+def _choose_backend(device: torch.device, dtype: torch.dtype, impl) -> str:
+    # Evaluated eagerly while torch.compile traces (the choice reads files and the environment).
+    return registry.select(Request(device, dtype), impl)
+
+
 def _check(queries, words, word_mask, rho) -> None:
     check_float_tensor("queries", queries, 3, "(B, R, d)")
     check_float_tensor("words", words, 3, "(B, T, d)")
@@ -182,7 +188,7 @@ def word_attention(queries: torch.Tensor, words: torch.Tensor, word_mask: torch.
         influence the result and get a zero gradient.
     """
     _check(queries, words, word_mask, rho)
-    backend = registry.select(Request(queries.device, queries.dtype), impl)
+    backend = _choose_backend(queries.device, queries.dtype, impl)
     if backend == "reference":
         return word_attention_reference(queries, words, word_mask, float(rho))
     context, _ = word_attention_op(queries, words, word_mask, float(rho), backend)

@@ -91,9 +91,10 @@ if triton is not None:
                        other=0.0).to(tl.float32)
 
     @triton.jit
-    def _words_tile_t(base, ts, t_ok, ks, k_ok, D):
-        """(BLOCK_D, BLOCK_T) fp32 tile of the words, transposed; 0 outside."""
-        return tl.load(base + ts[None, :] * D + ks[:, None], mask=t_ok[None, :] & k_ok[:, None],
+    def _words_tile_t(base, ts, valid, ks, k_ok, D):
+        """(BLOCK_D, BLOCK_T) fp32 tile of the words, transposed; 0 outside and on padding (so
+        padding values, even non-finite ones, never reach a product)."""
+        return tl.load(base + ts[None, :] * D + ks[:, None], mask=valid[None, :] & k_ok[:, None],
                        other=0.0).to(tl.float32)
 
     @triton.jit
@@ -130,7 +131,7 @@ if triton is not None:
             ks = k0 + tl.arange(0, BLOCK_D)
             k_ok = ks < D
             q = _rows_tile(q_base, rows, row_ok, ks, k_ok, D)                 # (BR, BD)
-            w_t = _words_tile_t(w_base, ts, t_ok, ks, k_ok, D)                # (BD, BT)
+            w_t = _words_tile_t(w_base, ts, valid, ks, k_ok, D)                # (BD, BT)
             acc = tl.dot(q, w_t, acc, input_precision="ieee")
             q_sq += tl.sum(q * q, axis=1)
             w_sq += tl.sum(w_t * w_t, axis=0)
@@ -150,7 +151,7 @@ if triton is not None:
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             k_ok = ks < D
-            w_n = tl.trans(_words_tile_t(w_base, ts, t_ok, ks, k_ok, D)) * iw[:, None]   # (BT, BD)
+            w_n = tl.trans(_words_tile_t(w_base, ts, valid, ks, k_ok, D)) * iw[:, None]   # (BT, BD)
             c = tl.dot(p, w_n, input_precision="ieee")
             tl.store(ctx_base + rows[:, None] * D + ks[None, :], c,
                      mask=row_ok[:, None] & k_ok[None, :])
@@ -182,7 +183,7 @@ if triton is not None:
             k_ok = ks < D
             q = _rows_tile(q_base, rows, row_ok, ks, k_ok, D)
             g = _rows_tile(g_base, rows, row_ok, ks, k_ok, D)
-            w_t = _words_tile_t(w_base, ts, t_ok, ks, k_ok, D)
+            w_t = _words_tile_t(w_base, ts, valid, ks, k_ok, D)
             acc_s = tl.dot(q, w_t, acc_s, input_precision="ieee")
             acc_dp = tl.dot(g, w_t, acc_dp, input_precision="ieee")
             q_sq += tl.sum(q * q, axis=1)
@@ -211,7 +212,7 @@ if triton is not None:
             k_ok = ks < D
             q = _rows_tile(q_base, rows, row_ok, ks, k_ok, D)
             g = _rows_tile(g_base, rows, row_ok, ks, k_ok, D)
-            w_n = tl.trans(_words_tile_t(w_base, ts, t_ok, ks, k_ok, D)) * iw[:, None]
+            w_n = tl.trans(_words_tile_t(w_base, ts, valid, ks, k_ok, D)) * iw[:, None]
             gq = beta[:, None] * q + tl.dot(a, w_n, input_precision="ieee")
             tl.store(gq_base + rows[:, None] * D + ks[None, :], gq,
                      mask=row_ok[:, None] & k_ok[None, :])
@@ -290,11 +291,11 @@ def word_attention_forward_triton(queries: Tensor, words: Tensor, word_mask: Ten
 
 def words_backward(words: Tensor, word_mask: Tensor, grad_normed: Tensor) -> Tensor:
     """grad w from grad w^ (B, T, D) through the guarded normalisation; padding words get 0."""
-    w = words.float()
+    w = words.float().masked_fill(~word_mask[..., None], 0.0)  # grad w^ is 0 there too
     sq = w.pow(2).sum(-1, keepdim=True)
     inv = torch.rsqrt(sq.clamp_min(NORM_EPS))
     w_n = w * inv
-    keep = ((sq >= NORM_EPS) & word_mask[..., None]).float()
+    keep = (sq >= NORM_EPS).float()
     proj = keep * (w_n * grad_normed).sum(-1, keepdim=True)
     return inv * (grad_normed - proj * w_n)
 
