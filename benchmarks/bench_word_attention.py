@@ -164,7 +164,8 @@ class Row:
 def _failed(provider: str, mode: str, err: BaseException) -> Row:
     oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
     first_line = (str(err).splitlines() or [""])[0][:200]
-    return Row(provider, mode, "oom" if oom else "error", note=f"{type(err).__name__}: {first_line}")
+    return Row(provider, mode, "oom" if oom else "error",
+               note=f"{type(err).__name__}: {first_line}")
 
 
 def measure_provider(provider: Provider, x: Inputs, modes, device, policy):
@@ -277,9 +278,10 @@ def print_verdicts(rows: list, args, device, dtype) -> None:
                 continue
             in_scope = judged and row["b"] >= min_b
             verdict = ("PASS" if value >= speedup else "FAIL") if in_scope else "(not judged)"
+            extra = _cell(row["peak_extra_mb"], ".1f")
             print(f"  {case_name:<9} B={row['b']:<3} T={row['t']:<3} d={row['d']:<4} speedup "
-                  f"{value:6.2f}x (target >= {speedup:g}x)  extra MB {_cell(row['peak_extra_mb'], '.1f')}"
-                  f"  {verdict}", flush=True)
+                  f"{value:6.2f}x (target >= {speedup:g}x)  extra MB {extra}  {verdict}",
+                  flush=True)
 
 
 # ---------------------------------------------------------------- command line

@@ -72,7 +72,8 @@ def test_other_rho(backend, rho):
 def test_cpu_many_chunks_and_splits(threads):
     # d = 700: a chunk holds 1 MB / (3 rows x 700 x 4 B) = 124 rows, so R = 300 is 3 chunks; B = 1
     # splits R across items (each with its own grad w partial).
-    q, w, mask, grad = torch.randn(1, 300, 700), torch.randn(1, 9, 700), _mask(1, 9), torch.randn(1, 300, 700)
+    q, w, grad = torch.randn(1, 300, 700), torch.randn(1, 9, 700), torch.randn(1, 300, 700)
+    mask = _mask(1, 9)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -84,7 +85,8 @@ def test_cpu_many_chunks_and_splits(threads):
 
 def test_cpu_op_lse_contract():
     # The forward's saved lse is the log-sum-exp of the masked logits rho cos(q_r, w_t).
-    q, w, mask = torch.randn(2, 11, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64), _mask(2, 4)
+    q, w = torch.randn(2, 11, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    mask = _mask(2, 4)
     _, lse = torch.ops.fastxmc.word_attention_forward(q, w, mask, 3.0)
     cos = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(w, dim=-1).mT
     want = torch.logsumexp((3.0 * cos).masked_fill(~mask[:, None], float("-inf")), dim=-1)
@@ -164,8 +166,8 @@ def test_default_backend_on_cpu_is_the_fused_one():
 
 
 def test_empty_batch_and_no_regions():
-    for q, w, mask in [(torch.randn(0, 4, 3), torch.randn(0, 2, 3), torch.ones(0, 2, dtype=torch.bool)),
-                       (torch.randn(2, 0, 3), torch.randn(2, 2, 3), torch.ones(2, 2, dtype=torch.bool))]:
+    for B, R in [(0, 4), (2, 0)]:
+        q, w, mask = torch.randn(B, R, 3), torch.randn(B, 2, 3), torch.ones(B, 2, dtype=torch.bool)
         q.requires_grad_()
         w.requires_grad_()
         out = word_attention(q, w, mask, impl="cpu")
@@ -232,7 +234,8 @@ def test_fake_tensor_shapes():
     from fastxmc.ops.word_attention import word_attention_backward_op, word_attention_op
 
     with FakeTensorMode():
-        q, w = torch.empty(3, 7, 5, dtype=torch.bfloat16), torch.empty(3, 4, 5, dtype=torch.bfloat16)
+        q = torch.empty(3, 7, 5, dtype=torch.bfloat16)
+        w = torch.empty(3, 4, 5, dtype=torch.bfloat16)
         mask = torch.empty(3, 4, dtype=torch.bool)
         context, lse = word_attention_op(q, w, mask, 15.0, "cpu")
         assert context.shape == (3, 7, 5) and lse.shape == (3, 7) and lse.dtype == torch.float32

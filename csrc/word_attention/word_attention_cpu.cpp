@@ -7,9 +7,9 @@
 //   forward:  the rows' inverse norms; G = q_c W^T (rows x T) into a per-thread buffer; the masked
 //             softmax of rho iq G in place -> P and lse; context_c = P W, written in place.
 //   backward: G = q_c W^T and dP = g_c W^T; a row epilogue turns them into P and A = rho iq dS and
-//             gives each row's coefficient beta of the normalisation term; grad_q_c = beta q_c + A W
-//             (a row-scaled copy of q, then one GEMM accumulating into it); the item's grad W^
-//             partial += P^T g_c + A^T q_c.
+//             gives each row's coefficient beta of the normalisation term;
+//             grad_q_c = beta q_c + A W (a row-scaled copy of q, then one GEMM accumulating into
+//             it); the item's grad W^ partial += P^T g_c + A^T q_c.
 // W (T x D) is the batch element's normalised words, padding rows zeroed, made once per b by a
 // prologue; a last pass per b sums the items' partials and applies the words' normalisation
 // backward. So q and g are read from memory once per pass, and beyond the inputs and outputs only
@@ -307,7 +307,8 @@ void backward_impl(const at::Tensor& Gc, const at::Tensor& Q, const Words& words
     for (int64_t r0 = split * lay.rows; r0 < end; r0 += lay.chunk) {
       const int64_t rows = std::min(lay.chunk, end - r0);
       const BwdChunk c{Q.select(0, b).narrow(0, r0, rows), Gc.select(0, b).narrow(0, r0, rows),
-                       grad_q.select(0, b).narrow(0, r0, rows), parts.select(0, b).select(0, split)};
+                       grad_q.select(0, b).narrow(0, r0, rows),
+                       parts.select(0, b).select(0, split)};
       backward_chunk<scalar_t>(c, W, mask + b * T, static_cast<scalar_t>(rho),
                                lse.data_ptr<scalar_t>() + b * R + r0,
                                scratch.g.select(0, thread).narrow(0, 0, rows),

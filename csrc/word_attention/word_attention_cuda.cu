@@ -249,9 +249,9 @@ __global__ void __launch_bounds__(kThreads)
 // Backward epilogue, one warp per row: dp -> A = rho iq dS, s -> P; beta[r] = the coefficient
 // of q_r in grad_q (-e iq^2, or 0 where the norm guard is active). Two passes over each row (the
 // second recomputes P after the row reduction sum_t P dP).
-__device__ void backward_epilogue(Dyn dyn, const bool* __restrict__ mb, const float* __restrict__ lse_b,
-                                  const float* qsq, float* beta, int64_t row0, const Shape& sh,
-                                  float rho) {
+__device__ void backward_epilogue(Dyn dyn, const bool* __restrict__ mb,
+                                  const float* __restrict__ lse_b, const float* qsq, float* beta,
+                                  int64_t row0, const Shape& sh, float rho) {
   const int ld = static_cast<int>(sh.T + 1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < kRows; r += kWarps) {
@@ -390,7 +390,8 @@ void allow_dynamic_smem(Kernel kernel, size_t bytes, size_t static_bytes, const 
 }
 
 // grad w from grad w^ (B, T, D) through the guarded normalisation; padding words get 0.
-at::Tensor words_backward(const at::Tensor& words, const at::Tensor& mask, const at::Tensor& grad_n) {
+at::Tensor words_backward(const at::Tensor& words, const at::Tensor& mask,
+                          const at::Tensor& grad_n) {
   // Padding words are zeroed (grad w^ is 0 there too), so their gradient is 0 whatever they hold.
   const at::Tensor w = words.to(at::kFloat).masked_fill(mask.logical_not().unsqueeze(-1), 0.0);
   const at::Tensor sq = w.pow(2).sum(-1, /*keepdim=*/true);
@@ -435,8 +436,8 @@ std::tuple<at::Tensor, at::Tensor> word_attention_backward_cuda(
   constexpr const char* fn = "fastxmc::word_attention_backward (CUDA)";
   check_inputs(fn, queries, words, word_mask, rho);
   TORCH_CHECK(grad_context.device() == queries.device() && grad_context.sizes() == queries.sizes(),
-              fn, ": grad_context must have the queries' shape ", queries.sizes(), " and device, got ",
-              grad_context.sizes(), " on ", grad_context.device());
+              fn, ": grad_context must have the queries' shape ", queries.sizes(),
+              " and device, got ", grad_context.sizes(), " on ", grad_context.device());
   TORCH_CHECK(lse.device() == queries.device() && lse.dim() == 2 &&
                   lse.size(0) == queries.size(0) && lse.size(1) == queries.size(1),
               fn, ": lse must be (B, R) on the queries' device, got ", lse.sizes());

@@ -93,8 +93,10 @@ registry = OpRegistry(
               "cpu": ["cpu", "reference"],
               "default": ["reference"]},
 )
-registry.register(Backend("reference", _reference_unsupported, "materialized plain PyTorch (oracle)"))
-registry.register(Backend("cpu", _cpu_unsupported, "C++ kernels (csrc/), ATen GEMMs + fused softmax"))
+registry.register(Backend("reference", _reference_unsupported,
+                          "materialized plain PyTorch (oracle)"))
+registry.register(Backend("cpu", _cpu_unsupported,
+                          "C++ kernels (csrc/), ATen GEMMs + fused softmax"))
 registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
 registry.register(Backend("cuda", _cuda_unsupported, "C++/CUDA kernels (csrc/)"))
 

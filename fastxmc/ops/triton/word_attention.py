@@ -98,6 +98,12 @@ if triton is not None:
                        other=0.0).to(tl.float32)
 
     @triton.jit
+    def _words_tile(base, ts, valid, ks, k_ok, D):
+        """(BLOCK_T, BLOCK_D) fp32 tile of the words; 0 outside and on padding."""
+        return tl.load(base + ts[:, None] * D + ks[None, :], mask=valid[:, None] & k_ok[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
     def _inv_norm(sq):
         return 1.0 / tl.sqrt(tl.maximum(sq, 1e-12))
 
@@ -151,7 +157,7 @@ if triton is not None:
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             k_ok = ks < D
-            w_n = tl.trans(_words_tile_t(w_base, ts, valid, ks, k_ok, D)) * iw[:, None]   # (BT, BD)
+            w_n = _words_tile(w_base, ts, valid, ks, k_ok, D) * iw[:, None]      # (BT, BD)
             c = tl.dot(p, w_n, input_precision="ieee")
             tl.store(ctx_base + rows[:, None] * D + ks[None, :], c,
                      mask=row_ok[:, None] & k_ok[None, :])
@@ -212,7 +218,7 @@ if triton is not None:
             k_ok = ks < D
             q = _rows_tile(q_base, rows, row_ok, ks, k_ok, D)
             g = _rows_tile(g_base, rows, row_ok, ks, k_ok, D)
-            w_n = tl.trans(_words_tile_t(w_base, ts, valid, ks, k_ok, D)) * iw[:, None]
+            w_n = _words_tile(w_base, ts, valid, ks, k_ok, D) * iw[:, None]
             gq = beta[:, None] * q + tl.dot(a, w_n, input_precision="ieee")
             tl.store(gq_base + rows[:, None] * D + ks[None, :], gq,
                      mask=row_ok[:, None] & k_ok[None, :])
@@ -238,7 +244,6 @@ if triton is not None:
 
     _bwd_tuned = triton.autotune(configs=_bwd_configs(), key=["D", "BLOCK_T"])(
         _word_attention_bwd_kernel)
-
 
 
 # ---------------------------------------------------------------------- host side
