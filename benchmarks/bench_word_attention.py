@@ -7,7 +7,8 @@
 Cases (``--cases``): ``generator`` = the 128px generator's attention at 16x16 (R = 256 regions,
 T = 17 tokens, d = 768, B = 8, 16, 32, 56); ``shapes`` = the shapes preset (T = 24, d = 384 from
 MiniLM, B = 16, 32); ``ln`` = Localized Narratives captions (T = 64, d = 768, B = 16, 32).
-``--batches`` replaces every case's batch sizes.
+``--batches`` replaces every case's batch sizes, ``--dim`` every case's d (e.g. the shapes preset
+with its MiniLM words projected to a smaller d).
 
 Providers: ``reference`` (the materialized oracle, the baseline of ``speedup_vs_reference``) and
 ``fastxmc-<backend>`` for every fused backend that can run here. Modes: ``fwd`` the forward with
@@ -297,6 +298,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=lambda s: _csv_list(s, int), default=None,
                    help="batch sizes for every case (default: each case's own; --quick: 16)")
     p.add_argument("--regions", type=int, default=256, help="R (default 256 = 16x16)")
+    p.add_argument("--dim", type=int, default=None, help="d for every case (default: each case's)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--modes", type=_csv_list, default=None,
@@ -347,6 +349,7 @@ def main(argv=None) -> int:
     rows = []
     for case_name in args.cases:
         t, d, batches = CASES[case_name]
+        d = args.dim or d
         for b in args.batches or batches:
             rows += run_point(case_name, b, t, d, args, device, dtype, chosen, meta)
     print_verdicts(rows, args, device, dtype)
