@@ -187,7 +187,8 @@ def word_attention(queries: torch.Tensor, words: torch.Tensor, word_mask: torch.
     Returns:
         (B, R, d) contexts made of the L2-normalised words, in the queries' dtype (computed in
         fp32, fp64 for fp64 inputs); gradients for queries and words. Padding words never
-        influence the result and get a zero gradient.
+        influence the result and get a zero gradient (the fused backends ignore whatever they
+        hold; the reference needs them finite).
     """
     _check(queries, words, word_mask, rho)
     backend = _choose_backend(queries.device, queries.dtype, impl)
