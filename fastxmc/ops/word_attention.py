@@ -2,26 +2,165 @@
 
 ``word_attention(queries, words, word_mask, rho)`` -> (B, R, d): for every region query q_r,
 ``alpha_r = softmax over words(rho * cos(q_r, w_t))`` with padding words masked, and the context
-``sum_t alpha_rt * normalize(w_t)``. Backends live in ``registry``; the oracle is
+``sum_t alpha_rt * normalize(w_t)``. The oracle is
 :func:`fastxmc.reference.region_word.word_attention_reference`.
+
+The fused backends (contract: csrc/word_attention/word_attention.h) compute the normalisation, the
+(R x T) similarity, the masked softmax and the context product in one pass over the queries, and
+keep only the softmax's log-sum-exp per (b, r) for the backward, which recomputes the rest.
+Layers as in :mod:`fastxmc.ops.infonce`: per-backend forward / backward free functions, one
+``torch.library`` custom op pair (with fake implementations, so ``torch.compile(fullgraph=True)``
+traces through it), autograd wiring, and the backend registry.
 """
 from __future__ import annotations
 
 import torch
 
+from fastxmc import _extension
 from fastxmc.ops.checks import check_float_tensor, check_like, check_positive, check_word_mask
 from fastxmc.ops.registry import Backend, OpRegistry, Request
+from fastxmc.ops.triton import word_attention as triton_word_attention
 from fastxmc.reference.region_word import word_attention_reference
 
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Register the compiled ops (torch.ops.fastxmc.*) now; a missing build is reported, not raised.
+_extension.extension_loaded()
+
+
+# ---------------------------------------------------------------- backends' kernels
+def _native_forward(queries, words, word_mask, rho):
+    return torch.ops.fastxmc.word_attention_forward(queries, words, word_mask, rho)
+
+
+def _native_backward(grad_context, queries, words, word_mask, lse, rho):
+    return torch.ops.fastxmc.word_attention_backward(grad_context, queries, words, word_mask, lse,
+                                                     rho)
+
+
+# The C++ op dispatches on the tensors' device, so "cpu" and "cuda" share the entry points.
+_KERNELS = {
+    "cpu": (_native_forward, _native_backward),
+    "cuda": (_native_forward, _native_backward),
+    "triton": (triton_word_attention.word_attention_forward_triton,
+               triton_word_attention.word_attention_backward_triton),
+}
+
+
+# ---------------------------------------------------------------- what each backend supports
 def _reference_unsupported(req: Request) -> list:
     return [] if req.dtype.is_floating_point else [f"dtype {req.dtype} is not floating point"]
 
 
-_KERNELS = {"reference": word_attention_reference}
+def _cpu_unsupported(req: Request) -> list:
+    why = []
+    if not _extension.has_kernel("word_attention_forward", "CPU"):
+        why.append(_extension.extension_error() or "the extension has no CPU word_attention kernel")
+    if req.device.type != "cpu":
+        why.append(f"tensors are on {req.device.type}, not cpu")
+    if req.dtype not in FUSED_DTYPES + (torch.float64,):
+        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16/float64")
+    return why
 
-registry = OpRegistry(op="word_attention", priority={"default": ["reference"]})
-registry.register(Backend("reference", _reference_unsupported, "materialized plain PyTorch (oracle)"))
+
+def _cuda_unsupported(req: Request) -> list:
+    why = []
+    if not _extension.extension_loaded():
+        why.append(_extension.extension_error())
+    elif not _extension.has_kernel("word_attention_forward", "CUDA"):
+        why.append("the extension was built without CUDA kernels (FASTXMC_CUDA=0 or no toolkit)")
+    if req.device.type != "cuda":
+        why.append(f"tensors are on {req.device.type}, not cuda")
+    if req.dtype not in FUSED_DTYPES:
+        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16")
+    return why
+
+
+def _triton_unsupported(req: Request) -> list:
+    why = []
+    reason = triton_word_attention.triton_unavailable_reason(req.device)
+    if reason:
+        why.append(reason)
+    if req.dtype not in FUSED_DTYPES:
+        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16")
+    return why
+
+
+registry = OpRegistry(
+    op="word_attention",
+    # Triton on CPU (the interpreter) only runs when forced: it is not in the cpu list.
+    priority={"cuda": ["triton", "cuda", "reference"],
+              "cpu": ["cpu", "reference"],
+              "default": ["reference"]},
+)
+registry.register(Backend("reference", _reference_unsupported,
+                          "materialized plain PyTorch (oracle)"))
+registry.register(Backend("cpu", _cpu_unsupported,
+                          "C++ kernels (csrc/), ATen GEMMs + fused softmax"))
+registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
+registry.register(Backend("cuda", _cuda_unsupported, "C++/CUDA kernels (csrc/)"))
+
+
+# ---------------------------------------------------------------- the custom op pair
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastxmc::word_attention_fused", mutates_args=())
+def word_attention_op(queries: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor,
+                      rho: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    forward, _ = _KERNELS[backend]
+    context, lse = forward(queries.contiguous(), words.contiguous(), word_mask.contiguous(), rho)
+    return context, lse
+
+
+@word_attention_op.register_fake
+def _(queries, words, word_mask, rho, backend):
+    acc = _acc_dtype(queries)
+    return (queries.new_empty(queries.shape, dtype=acc),
+            queries.new_empty(queries.shape[:2], dtype=acc))
+
+
+@torch.library.custom_op("fastxmc::word_attention_fused_backward", mutates_args=())
+def word_attention_backward_op(grad_context: torch.Tensor, queries: torch.Tensor,
+                               words: torch.Tensor, word_mask: torch.Tensor, lse: torch.Tensor,
+                               rho: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _, backward = _KERNELS[backend]
+    grad_q, grad_w = backward(grad_context.contiguous(), queries.contiguous(), words.contiguous(),
+                              word_mask.contiguous(), lse.contiguous(), rho)
+    return grad_q, grad_w
+
+
+@word_attention_backward_op.register_fake
+def _(grad_context, queries, words, word_mask, lse, rho, backend):
+    acc = _acc_dtype(queries)
+    return queries.new_empty(queries.shape, dtype=acc), words.new_empty(words.shape, dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    queries, words, word_mask, rho, backend = inputs
+    ctx.save_for_backward(queries, words, word_mask, output[1])
+    ctx.params = (rho, backend)
+
+
+def _backward(ctx, grad_context, grad_lse):
+    # lse is an internal output (the public function drops it): it never receives a gradient.
+    queries, words, word_mask, lse = ctx.saved_tensors
+    rho, backend = ctx.params
+    grad_q, grad_w = word_attention_backward_op(grad_context, queries, words, word_mask, lse, rho,
+                                                backend)
+    return (grad_q.to(queries.dtype) if ctx.needs_input_grad[0] else None,
+            grad_w.to(words.dtype) if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+word_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public API
+@torch._dynamo.assume_constant_result
+def _choose_backend(device: torch.device, dtype: torch.dtype, impl) -> str:
+    # Evaluated eagerly while torch.compile traces (the choice reads files and the environment).
+    return registry.select(Request(device, dtype), impl)
 
 
 def _check(queries, words, word_mask, rho) -> None:
@@ -46,8 +185,14 @@ def word_attention(queries: torch.Tensor, words: torch.Tensor, word_mask: torch.
         rho: softmax sharpness (XMC-GAN: 15).
         impl: force a backend; default: ``FASTXMC_IMPL``, else the fastest that fits.
     Returns:
-        (B, R, d) contexts made of the L2-normalised words; gradients for queries and words.
+        (B, R, d) contexts made of the L2-normalised words, in the queries' dtype (computed in
+        fp32, fp64 for fp64 inputs); gradients for queries and words. Padding words never
+        influence the result and get a zero gradient (the fused backends ignore whatever they
+        hold; the reference needs them finite).
     """
     _check(queries, words, word_mask, rho)
-    backend = registry.select(Request(queries.device, queries.dtype), impl)
-    return _KERNELS[backend](queries, words, word_mask, float(rho))
+    backend = _choose_backend(queries.device, queries.dtype, impl)
+    if backend == "reference":
+        return word_attention_reference(queries, words, word_mask, float(rho))
+    context, _ = word_attention_op(queries, words, word_mask, float(rho), backend)
+    return context.to(queries.dtype)

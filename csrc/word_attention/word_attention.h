@@ -1,0 +1,46 @@
+// Fused word attention of XMC-GAN's generator (the reference code's attention_for_g).
+//
+// Inputs: queries q (B, R, D), words w (B, T, D), word_mask (B, T) bool (True = real token; every
+// caption has one), rho > 0. With the reference code's guarded normalisation
+//   x^ = x * ix,  ix = rsqrt(max(|x|^2, 1e-12))                   for x = q_r and x = w_t,
+// and w^_t := 0 for padding words (their attention is 0, so their values never matter):
+//   s_rt = rho * q^_r . w^_t                                        (B, R, T), never stored
+//   P_rt = softmax over the valid t of s_rt (0 on padding)
+//   context_r = sum_t P_rt w^_t                                     (B, R, D)
+//
+// forward(queries, words, word_mask, rho) -> (context, lse)
+//   context (B, R, D) and lse (B, R) = log sum over valid t of exp(s_rt), in the working dtype:
+//   fp32 for float32 / float16 / bfloat16 inputs, fp64 for float64 (CPU only, for gradcheck).
+//   lse is all the backward keeps besides the inputs (P = exp(s - lse) once s is recomputed).
+//
+// backward(grad_context g, queries, words, word_mask, lse, rho) -> (grad_queries, grad_words),
+// both in the working dtype:
+//   dP_rt = g_r . w^_t,   dS_rt = P_rt (dP_rt - sum_t' P_rt' dP_rt')
+//   grad q^_r = rho sum_t dS_rt w^_t          grad w^_t = sum_r P_rt g_r + rho dS_rt q^_r
+//   grad x = ix (grad x^ - x^ (x^ . grad x^)), or ix grad x^ where the clamp is active
+//   (|x|^2 < 1e-12), with q^_r . grad q^_r = sum_t dS_rt s_rt. Padding words get a zero gradient.
+// So the backward recomputes the two (R x T) products s and dP from q, g and w^; the (B, R, T)
+// attention is never kept. Every product and reduction accumulates in the working dtype.
+#pragma once
+#include <torch/types.h>
+#include <tuple>
+
+namespace fastxmc {
+
+std::tuple<at::Tensor, at::Tensor> word_attention_forward_cpu(
+    const at::Tensor& queries, const at::Tensor& words, const at::Tensor& word_mask, double rho);
+
+std::tuple<at::Tensor, at::Tensor> word_attention_backward_cpu(
+    const at::Tensor& grad_context, const at::Tensor& queries, const at::Tensor& words,
+    const at::Tensor& word_mask, const at::Tensor& lse, double rho);
+
+#ifdef FASTXMC_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> word_attention_forward_cuda(
+    const at::Tensor& queries, const at::Tensor& words, const at::Tensor& word_mask, double rho);
+
+std::tuple<at::Tensor, at::Tensor> word_attention_backward_cuda(
+    const at::Tensor& grad_context, const at::Tensor& queries, const at::Tensor& words,
+    const at::Tensor& word_mask, const at::Tensor& lse, double rho);
+#endif
+
+}  // namespace fastxmc
