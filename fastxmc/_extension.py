@@ -50,4 +50,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``fastxmc::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU" / "CUDA")."""
     if not extension_loaded():
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastxmc::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastxmc::{op}", dispatch_key)
+    except RuntimeError:  # the op is not registered at all: a build older than this source tree
+        return False
