@@ -1,0 +1,451 @@
+"""The train config: typed dataclasses, named presets and ``--section.key=value`` overrides.
+
+Sections: ``data`` (:class:`fastxmc.data.config.DataConfig`), ``model``, ``optim``, ``loss``, ``run``.
+A config is built from a preset (:data:`PRESETS`), then the command line's shortcuts (``--steps``,
+``--out``, ...) and ``--section.key=value`` overrides are applied, in that order. Overrides are parsed
+by the field's type annotation (bool: true/false/1/0/yes/no; Optional: none/null; tuples:
+comma-separated; Literal: one of its choices); unknown sections and keys are rejected with the
+closest known name. The resolved config is written to ``DIR/config.json``.
+
+Batch semantics: ``run.batch_size`` is the batch of ONE D step on ONE process. A training step
+(one G step) consumes ``optim.d_steps_per_g_step`` such batches per process, as in the reference
+code (its per-device batch is split across the D steps). ``run.steps`` counts G steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+from fastxmc.data.config import DataConfig
+
+SECTIONS = ("data", "model", "optim", "loss", "run")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_NONE = ("none", "null")
+
+
+@dataclass
+class ModelConfig:
+    """Networks (xmcgan.md sections 3-4); resolution comes from ``data.resolution`` and the text
+    width from the loader."""
+    z_dim: int = 128
+    g_width: int = 96                   # gf: G's base channel width
+    d_width: int = 96                   # df: D's base channel width
+    rho: float = 15.0                   # sharpness of G's word attention
+    attention_every_block: bool = False  # recompute G's word attention per block (paper) vs once (code)
+
+
+@dataclass
+class OptimConfig:
+    """Adam for both networks (xmcgan.md section 6)."""
+    impl: Literal["torch", "apex"] = "torch"  # torch: Adam(fused=True); apex: apex FusedAdam (CUDA)
+    g_lr: float = 1e-4
+    d_lr: float = 4e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    d_steps_per_g_step: int = 2         # the last D step shares its forward pass with the G step
+    ema_decay: float = 0.999            # G_ema, updated after every G step
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and options (see :mod:`fastxmc.train.losses`); a weight of 0 switches a term off."""
+    temperature: float = 0.1            # of every XMC-GAN contrastive term C(A, B)
+    sentence_weight: float = 1.0        # C(p, e): D on real images, G on fakes
+    word_weight: float = 1.0            # region-word loss: D on real images, G on fakes
+    image_weight: float = 1.0           # C(p_fake, p_real) on D features (G only)
+    classifier_weight: float = 1.0      # C(f(real), f(fake)), only with image_classifier_weights
+    image_classifier: Literal["resnet50", "vgg19"] = "resnet50"
+    image_classifier_weights: str | None = None  # a local torchvision state_dict file
+    word_gamma1: float = 5.0
+    word_gamma2: float = 5.0
+    word_gamma3: float = 50.0
+    global_negatives: bool = False      # InfoNCE/SupCon negatives from every rank (reference: local)
+    supcon: bool = False                # label-guided extension (two captions per image)
+    supcon_image_weight: float = 0.2    # SupCon on the fake images' D features (G)
+    supcon_text_weight: float = 0.2     # SupCon on D's sentence projections (D)
+    supcon_temperature: float = 0.5
+
+
+@dataclass
+class RunConfig:
+    """Run management: length, outputs, devices."""
+    out: str = "runs/shapes"
+    steps: int = 2000                   # G steps
+    seed: int = 0
+    batch_size: int = 8                 # per process and per D step (see the module docstring)
+    log_every: int = 10
+    sample_every: int = 250             # 0: only at the end
+    checkpoint_every: int = 500         # 0: only at the end
+    keep_checkpoints: int = 3
+    num_samples: int = 16               # captions in the sample grid
+    sample_columns: int = 8
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    threads: int = 0                    # torch CPU threads (0: torch's default)
+    tensorboard: bool = True
+    quiet: bool = False
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "shapes"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def generator_kwargs(cfg: TrainConfig) -> dict:
+    """Keyword arguments of :class:`fastxmc.models.Generator` besides ``text_dim``."""
+    m = cfg.model
+    return dict(resolution=cfg.data.resolution, z_dim=m.z_dim, width=m.g_width, rho=m.rho,
+                attention_every_block=m.attention_every_block)
+
+
+def discriminator_kwargs(cfg: TrainConfig) -> dict:
+    return dict(resolution=cfg.data.resolution, width=cfg.model.d_width)
+
+
+# ---------------------------------------------------------------- presets
+def _set(obj, **values):
+    """Assign fields without re-running a dataclass' __post_init__ validation (done at the end)."""
+    for key, value in values.items():
+        if not hasattr(obj, key):
+            raise AttributeError(f"{type(obj).__name__} has no field {key!r}")
+        setattr(obj, key, value)
+    return obj
+
+
+def preset_shapes() -> TrainConfig:
+    """The default: the embedded shapes dataset at 64px with small networks, sized for 2 CPU cores.
+
+    Measured here (2-core AVX-512 VM, one thread, CPU time): 1.4 s per step at width 16 and 8 images
+    per D step (2.7 s at batch 16, 7.2 s at width 32), so 2000 steps fit well under an hour. 8 images
+    per D step are also the reference code's per-device batch (its contrastive negatives). 5000
+    training images (25k captions) keep the one-time caption encoding short. EMA decay 0.995 (a
+    200-step horizon): with the paper's 0.999, G_ema would still hold 0.999^2000 = 14% of the
+    random initial weights at the end of so short a run."""
+    cfg = TrainConfig(preset="shapes")
+    _set(cfg.data, shapes_train=5000)
+    _set(cfg.model, z_dim=64, g_width=16, d_width=16)
+    _set(cfg.optim, ema_decay=0.995)
+    _set(cfg.run, out="runs/shapes", steps=2000, batch_size=8, log_every=10, sample_every=250,
+         checkpoint_every=500)
+    return cfg
+
+
+def preset_tiny() -> TrainConfig:
+    """Smoke tests: 32px, width 8, a few hundred shapes images; a handful of steps in seconds."""
+    cfg = TrainConfig(preset="tiny")
+    _set(cfg.data, resolution=32, shapes_train=256, shapes_val=32, workers=0, flip=True)
+    _set(cfg.model, z_dim=16, g_width=8, d_width=8)
+    # One thread: these tensors are too small for intra-op parallelism to pay.
+    _set(cfg.run, out="runs/tiny", steps=4, batch_size=8, log_every=1, sample_every=0,
+         checkpoint_every=0, num_samples=4, sample_columns=4, threads=1)
+    return cfg
+
+
+def _paper(preset: str, dataset: str, resolution: int, steps: int) -> TrainConfig:
+    """The reference setup: width 96, z 128, 8 images per GPU and D step (7 GPUs: 56), BERT text.
+
+    ``data.text_encoder`` is the name of a local BERT-base directory; pass its path with
+    ``--data.text_encoder=/path/to/bert-base-uncased`` (weights are never downloaded)."""
+    cfg = TrainConfig(preset=preset)
+    _set(cfg.data, dataset=dataset, resolution=resolution, text_encoder="bert-base-uncased")
+    _set(cfg.run, out=f"runs/{preset}", steps=steps, batch_size=8, log_every=100,
+         sample_every=2000, checkpoint_every=2000, num_samples=16)
+    return cfg
+
+
+def preset_coco128() -> TrainConfig:
+    # 500 epochs of COCO-2014 train at 2 x 56 images per G step: about 370k G steps.
+    return _paper("coco128", "coco", 128, 370_000)
+
+
+def preset_coco256() -> TrainConfig:
+    return _paper("coco256", "coco", 256, 370_000)
+
+
+def preset_cub() -> TrainConfig:
+    """CUB-200 birds at 128px (labels: the 200 species, for ``--supcon``)."""
+    return _paper("cub", "cub", 128, 100_000)
+
+
+def preset_ln_coco() -> TrainConfig:
+    """Localized Narratives over COCO images, 128px, captions up to 64 tokens."""
+    cfg = _paper("ln-coco", "ln", 128, 370_000)
+    _set(cfg.data, ln_source="coco", max_tokens=64)
+    return cfg
+
+
+PRESETS = {"shapes": preset_shapes, "tiny": preset_tiny, "coco128": preset_coco128,
+           "coco256": preset_coco256, "cub": preset_cub, "ln-coco": preset_ln_coco}
+
+
+# ---------------------------------------------------------------- typed overrides
+def _section_types(section) -> dict:
+    return typing.get_type_hints(type(section))
+
+
+def known_keys(cfg: TrainConfig) -> list:
+    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+
+
+def _unknown(key: str, cfg: TrainConfig) -> ValueError:
+    close = difflib.get_close_matches(key, known_keys(cfg), n=1, cutoff=0.5)
+    hint = f"; did you mean --{close[0]}?" if close else f"; sections are {', '.join(SECTIONS)}"
+    return ValueError(f"unknown config key --{key}{hint}")
+
+
+def parse_value(text: str, annotation, key: str):
+    """Parse the command-line ``text`` of ``--key`` as a value of type ``annotation``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if type(None) in args and text.strip().lower() in _NONE:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return parse_value(text, inner[0] if len(inner) == 1 else Union[tuple(inner)], key)
+    if origin is Literal:
+        for choice in args:
+            if str(choice) == text:
+                return choice
+        raise ValueError(f"--{key} must be one of {list(args)}, got {text!r}")
+    if origin is tuple:
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != len(args):
+            raise ValueError(f"--{key} takes {len(args)} comma-separated values, got {text!r}")
+        return tuple(parse_value(p, a, key) for p, a in zip(parts, args))
+    if annotation is bool:
+        if text.strip().lower() in _TRUE + _FALSE:
+            return text.strip().lower() in _TRUE
+        raise ValueError(f"--{key} is a bool (true/false), got {text!r}")
+    if annotation in (int, float):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ValueError(f"--{key} must be {annotation.__name__}, got {text!r}") from None
+    if annotation is str:
+        return text
+    raise TypeError(f"--{key}: cannot parse a value of type {annotation} from the command line")
+
+
+def apply_override(cfg: TrainConfig, key: str, text: str) -> None:
+    """Set ``cfg.<section>.<name>`` from ``key = "section.name"`` and its command-line ``text``."""
+    section_name, _, name = key.partition(".")
+    if section_name not in SECTIONS:
+        raise _unknown(key, cfg)
+    section = getattr(cfg, section_name)
+    if not name:
+        first = dataclasses.fields(section)[0].name
+        raise ValueError(f"--{key} is a section; set one of its keys, e.g. --{key}.{first}=...")
+    hints = _section_types(section)
+    if name not in hints or name not in {f.name for f in dataclasses.fields(section)}:
+        raise _unknown(key, cfg)
+    setattr(section, name, parse_value(text, hints[name], key))
+
+
+# ---------------------------------------------------------------- validation
+def _require(ok: bool, key: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{key} must be {expected}, got {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every section; errors name the key. Returns ``cfg``."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}, got {cfg.preset!r}")
+    cfg.data.validate()
+    m, o, loss, r = cfg.model, cfg.optim, cfg.loss, cfg.run
+    for key, value in (("model.z_dim", m.z_dim), ("model.g_width", m.g_width),
+                       ("model.d_width", m.d_width), ("optim.d_steps_per_g_step", o.d_steps_per_g_step),
+                       ("run.steps", r.steps), ("run.batch_size", r.batch_size),
+                       ("run.log_every", r.log_every), ("run.keep_checkpoints", r.keep_checkpoints),
+                       ("run.num_samples", r.num_samples), ("run.sample_columns", r.sample_columns)):
+        _require(_is_int(value) and value >= 1, key, "a positive int", value)
+    for key, value in (("run.sample_every", r.sample_every), ("run.checkpoint_every", r.checkpoint_every),
+                       ("run.threads", r.threads), ("run.seed", r.seed)):
+        _require(_is_int(value) and value >= 0, key, "an int >= 0", value)
+    for key, value in (("optim.g_lr", o.g_lr), ("optim.d_lr", o.d_lr), ("model.rho", m.rho),
+                       ("loss.temperature", loss.temperature),
+                       ("loss.supcon_temperature", loss.supcon_temperature),
+                       ("loss.word_gamma1", loss.word_gamma1), ("loss.word_gamma2", loss.word_gamma2),
+                       ("loss.word_gamma3", loss.word_gamma3)):
+        _require(isinstance(value, (int, float)) and value > 0, key, "a positive number", value)
+    for name in ("sentence_weight", "word_weight", "image_weight", "classifier_weight",
+                 "supcon_image_weight", "supcon_text_weight"):
+        value = getattr(loss, name)
+        _require(isinstance(value, (int, float)) and value >= 0, f"loss.{name}", "a number >= 0", value)
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             "two numbers in [0, 1)", o.betas)
+    _require(0 <= o.ema_decay <= 1, "optim.ema_decay", "in [0, 1]", o.ema_decay)
+    if loss.supcon and not cfg.data.two_captions:
+        raise ValueError("loss.supcon needs data.two_captions=true (the two caption branches)")
+    return cfg
+
+
+# ---------------------------------------------------------------- building and (de)serialising
+def preset_config(name: str) -> TrainConfig:
+    """A fresh config of preset ``name`` (not yet validated)."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}; presets are {list(PRESETS)}{hint}")
+    return PRESETS[name]()
+
+
+def build_config(preset: str = "shapes", overrides=()) -> TrainConfig:
+    """The preset, then every ``(key, text)`` override in order, then validation. ``loss.supcon``
+    switches ``data.two_captions`` on."""
+    return apply_overrides(preset_config(preset), overrides)
+
+
+def apply_overrides(cfg: TrainConfig, overrides) -> TrainConfig:
+    for key, text in overrides:
+        apply_override(cfg, key, text)
+    if cfg.loss.supcon:
+        cfg.data.two_captions = True
+    return validate(cfg)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return {"preset": cfg.preset, **{s: _section_dict(getattr(cfg, s)) for s in SECTIONS}}
+
+
+def _section_dict(section) -> dict:
+    if isinstance(section, DataConfig):
+        return section.to_dict()
+    return dataclasses.asdict(section)
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """Inverse of :func:`config_to_dict` (JSON lists become the annotated tuples); unknown keys raise."""
+    unknown = sorted(set(d) - {"preset", *SECTIONS})
+    if unknown:
+        raise ValueError(f"unknown train config sections {unknown}; known: {list(SECTIONS)}")
+    cfg = TrainConfig(preset=d.get("preset", "shapes"))
+    for section_name in SECTIONS:
+        section = getattr(cfg, section_name)
+        hints = _section_types(section)
+        for key, value in d.get(section_name, {}).items():
+            if key not in hints:
+                raise _unknown(f"{section_name}.{key}", cfg)
+            setattr(section, key, tuple(value) if isinstance(value, list) else value)
+    return validate(cfg)
+
+
+def write_config(cfg: TrainConfig, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_config(path) -> TrainConfig:
+    return config_from_dict(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------- the command line
+USAGE = """usage: python -m fastxmc.train [--preset NAME] [--dataset D] [--data PATH] [--out DIR]
+                            [--steps N] [--seed S] [--log-every K] [--batch-size B]
+                            [--device auto|cpu|cuda] [--optim torch|apex] [--supcon]
+                            [--global-negatives] [--quiet] [--resume] [--section.key=value ...]
+
+Train XMC-GAN. With no arguments: the embedded shapes dataset, on the CPU or the GPU.
+
+  --preset NAME         shapes (default), tiny, coco128, coco256, cub, ln-coco
+  --dataset D           shapes | folder | coco | cub | ln          (= --data.dataset)
+  --data PATH           the dataset root                           (= --data.path)
+  --out DIR             the run directory                          (= --run.out)
+  --steps N             G steps                                    (= --run.steps)
+  --seed S              (= --run.seed)     --log-every K  (= --run.log_every)
+  --batch-size B        per process and D step (= --run.batch_size)
+  --device D            (= --run.device)   --optim torch|apex  (= --optim.impl)
+  --supcon              label-guided SupCon extension (= --loss.supcon=true)
+  --global-negatives    contrastive negatives from every rank (= --loss.global_negatives=true)
+  --quiet               no progress output (= --run.quiet=true)
+  --resume              continue the run in --out from its latest checkpoint, with its saved
+                        config.json plus the options given here (e.g. a larger --steps)
+  --section.key=value   any config field, type-checked; sections: data, model, optim, loss, run
+
+Shortcuts and overrides apply in command-line order, after the preset.
+Multi-GPU / multi-node: torchrun [--nnodes ... --rdzv_endpoint ...] --nproc_per_node=N -m fastxmc.train ...
+"""
+SHORTCUTS = {"--dataset": "data.dataset", "--data": "data.path", "--out": "run.out",
+             "--steps": "run.steps", "--seed": "run.seed", "--log-every": "run.log_every",
+             "--batch-size": "run.batch_size", "--device": "run.device", "--optim": "optim.impl"}
+FLAGS = {"--supcon": "loss.supcon", "--global-negatives": "loss.global_negatives",
+         "--quiet": "run.quiet"}
+
+
+@dataclass
+class CommandLine:
+    """A parsed command line: the preset, ``(key, text)`` overrides in order, and --resume."""
+    preset: str = "shapes"
+    overrides: list = field(default_factory=list)
+    resume: bool = False
+    help: bool = False
+
+
+def _split_option(args: list, i: int) -> tuple:
+    """(name, value or None, next index) of the option at ``args[i]``."""
+    name, eq, value = args[i].partition("=")
+    return name, (value if eq else None), i + 1
+
+
+def parse_command_line(argv) -> CommandLine:
+    """Parse ``argv`` (without the program name); raises ValueError with a suggestion on errors."""
+    args, cli, i = list(argv), CommandLine(), 0
+    while i < len(args):
+        name, value, i = _split_option(args, i)
+        if name in ("-h", "--help"):
+            cli.help = True
+            continue
+        if not name.startswith("--") or len(name) < 3:
+            raise ValueError(f"unexpected argument {args[i - 1]!r}; options look like --steps 100 "
+                             "or --section.key=value")
+        if name == "--resume":
+            cli.resume = True if value is None else parse_value(value, bool, "resume")
+            continue
+        if name in FLAGS:
+            cli.overrides.append((FLAGS[name], "true" if value is None else value))
+            continue
+        if value is None:
+            if i >= len(args):
+                raise ValueError(f"{name} needs a value")
+            value, i = args[i], i + 1
+        if name == "--preset":
+            cli.preset = value
+        elif name in SHORTCUTS:
+            cli.overrides.append((SHORTCUTS[name], value))
+        elif "." in name:
+            cli.overrides.append((name[2:], value))
+        else:
+            options = ["--preset", "--resume", *SHORTCUTS, *FLAGS]
+            close = difflib.get_close_matches(name, options, n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see --help"
+            raise ValueError(f"unknown option {name}{hint}")
+    return cli
+
+
+def config_for(cli: CommandLine) -> TrainConfig:
+    """The run's config: the preset plus the overrides; with --resume, the run directory's saved
+    config.json plus the same overrides (the directory is found from the preset and overrides)."""
+    if not cli.resume:
+        return build_config(cli.preset, cli.overrides)
+    probe = preset_config(cli.preset)
+    for key, text in cli.overrides:
+        apply_override(probe, key, text)
+    saved = Path(probe.run.out) / "config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"--resume: {saved} does not exist; pass the run's --out DIR")
+    return apply_overrides(read_config(saved), cli.overrides)

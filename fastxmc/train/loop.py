@@ -1,0 +1,520 @@
+"""The training loop of ``python -m fastxmc.train`` (XMC-GAN, xmcgan.md sections 5-6).
+
+One training step is one G step, as in the reference code's ``train_step``:
+
+1. **data**: ``optim.d_steps_per_g_step`` batches of ``run.batch_size`` per process.
+2. **D-only steps** (every batch but the last): G, in training mode but without gradients, makes
+   the fakes (its BN running statistics are restored afterwards: the reference discards G's state
+   in ``train_d``); one D forward on ``concat(real, fake)``; ``L_D``; an Adam step of D.
+3. **joint step** (the last batch): G makes the fakes with gradients; ONE D forward on
+   ``concat(real, fake)`` gives both ``L_D`` and ``L_G`` (the reference's ``train_g_d``: "the
+   second D step shares its forward pass with the G step"). Both gradients are taken at the same
+   parameters: ``L_D.backward(inputs=D's parameters, retain_graph=True)`` then
+   ``L_G.backward(inputs=G's parameters)``, so D's loss never reaches G and G's never reaches D;
+   then both Adam steps.
+4. **EMA**: G_ema <- 0.999 G_ema + 0.001 G, BN buffers copied from G.
+5. **bookkeeping**: a non-finite loss stops the run (before the joint step's update, the last good
+   checkpoint stays); metrics, sample grids and checkpoints at their intervals; SIGINT/SIGTERM finish
+   the current step, write a checkpoint and end the run.
+
+With ``loss.supcon`` the batch carries two captions per image; G runs once on both (the same z,
+concatenated along the batch) and D once on ``concat(real, fake_a, fake_b)``.
+
+Under torchrun, G and D are separate DDP modules. D sees exactly one forward per backward that
+reaches its parameters; G's DDP forward runs only in the joint step (the D-only steps call the
+unwrapped G under ``no_grad``). Decisions that must agree (stop, non-finite) are all-reduced.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastxmc.data.loader import build_loader
+from fastxmc.models import Discriminator, Generator
+from fastxmc.train import checkpoint as ckpt
+from fastxmc.train.config import (TrainConfig, config_to_dict, discriminator_kwargs,
+                                  generator_kwargs, write_config)
+from fastxmc.train.distributed import (DistEnv, any_rank, barrier, gather_objects, init_distributed,
+                                       parameter_fingerprint, shutdown, unwrap, wrap)
+from fastxmc.train.ema import make_ema, update_ema
+from fastxmc.train.logging import RunLogger, truncate_metrics
+from fastxmc.train.losses import FrozenClassifier, Text, Views, XMCLossSet, chunk_output, pair_labels
+from fastxmc.train import samples as grids
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the run stopped without updating or checkpointing."""
+
+
+class RunResult(NamedTuple):
+    run_dir: Path
+    step: int            # the last completed G step
+    status: str          # "completed" or "interrupted"
+    checkpoint: Path | None
+    signal: int | None   # the signal that stopped the run
+
+
+@dataclass
+class Nets:
+    """The networks and optimizers; ``G``/``D`` may be DDP wrappers, ``g``/``d`` never are."""
+    G: nn.Module
+    D: nn.Module
+    G_ema: nn.Module
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+
+    @property
+    def g(self) -> nn.Module:
+        return unwrap(self.G)
+
+    @property
+    def d(self) -> nn.Module:
+        return unwrap(self.D)
+
+
+@dataclass
+class Run:
+    """Everything one step needs besides its batches."""
+    cfg: TrainConfig
+    env: DistEnv
+    run_dir: Path
+    loader: object
+    nets: Nets
+    losses: XMCLossSet
+    z_gen: torch.Generator
+    autocast: object        # a zero-argument context-manager factory
+    text_dim: int
+
+
+# ---------------------------------------------------------------- setup helpers
+def seed_everything(seed: int) -> None:
+    """The global RNGs (model initialisation; identical on every rank)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def noise_seed(seed: int, rank: int) -> int:
+    """Seed of the generator that draws z: different per rank, fixed per (seed, rank)."""
+    return (seed * 1_000_003 + 7_919 * (rank + 1)) % 2**63
+
+
+def autocast_factory(precision: str, device: torch.device):
+    """bf16 autocast on CUDA (``auto`` or ``bf16``), nothing on CPU (``auto`` or ``fp32``)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if device.type != "cuda":
+        raise ValueError("run.precision=bf16 needs a CUDA device: bf16 autocast is used on GPUs only")
+    return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def make_optimizer(params, lr: float, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
+    """Adam with the config's betas: PyTorch's fused implementation, or apex's FusedAdam."""
+    params = list(params)
+    if optim_cfg.impl == "torch":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(optim_cfg.betas), fused=True)
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError as err:
+        raise ImportError(
+            f"optim.impl=apex needs NVIDIA apex built from source with its CUDA extensions "
+            f"(https://github.com/NVIDIA/apex; the PyPI package named 'apex' is unrelated); "
+            f"importing apex.optimizers failed: {err}. Use --optim torch (PyTorch's fused Adam)."
+        ) from err
+    if device.type != "cuda":
+        raise ValueError("optim.impl=apex (FusedAdam) runs on CUDA only; use --optim torch on CPU")
+    return FusedAdam(params, lr=lr, betas=tuple(optim_cfg.betas), adam_w_mode=False, weight_decay=0.0)
+
+
+def build_networks(cfg: TrainConfig, text_dim: int, device: torch.device) -> Nets:
+    """G, D, G_ema and both optimizers (unwrapped; see :func:`wrap_networks`)."""
+    G = Generator(text_dim=text_dim, **generator_kwargs(cfg)).to(device)
+    D = Discriminator(text_dim=text_dim, **discriminator_kwargs(cfg)).to(device)
+    return Nets(G, D, make_ema(G),
+                make_optimizer(G.parameters(), cfg.optim.g_lr, cfg.optim, device),
+                make_optimizer(D.parameters(), cfg.optim.d_lr, cfg.optim, device))
+
+
+def wrap_networks(nets: Nets, cfg: TrainConfig, env: DistEnv) -> None:
+    nets.G = wrap(nets.G, env)
+    # Without the word loss D's region head gets no gradient, which DDP must be told.
+    nets.D = wrap(nets.D, env, find_unused_parameters=cfg.loss.word_weight == 0)
+
+
+def build_losses(cfg: TrainConfig, env: DistEnv, autocast) -> XMCLossSet:
+    classifier = None
+    if cfg.loss.image_classifier_weights is not None and cfg.loss.classifier_weight != 0:
+        classifier = FrozenClassifier(cfg.loss.image_classifier,
+                                      cfg.loss.image_classifier_weights).to(env.device)
+    group = env.group if cfg.loss.global_negatives else None
+    return XMCLossSet(cfg.loss, group=group, classifier=classifier, autocast=autocast)
+
+
+def make_loader(cfg: TrainConfig, env: DistEnv, progress: bool):
+    return build_loader(cfg.data, split="train", batch_size=cfg.run.batch_size, rank=env.rank,
+                        world_size=env.world_size, seed=cfg.run.seed, device=env.device,
+                        progress=progress)
+
+
+def build_sample_set(cfg: TrainConfig, progress: bool) -> grids.SampleSet:
+    """The fixed captions (first samples of the val split, else of train) and fixed z.
+
+    Built on every rank (the loader synchronises ranks while it builds its caches)."""
+    data = dataclasses.replace(cfg.data, two_captions=False, flip=False, workers=0)
+    n = cfg.run.num_samples
+    for split in ("val", "train"):
+        try:
+            loader = build_loader(data, split=split, batch_size=n, shuffle=False, drop_last=False,
+                                  seed=cfg.run.seed, progress=progress)
+        except FileNotFoundError:
+            continue
+        return grids.sample_set_from_loader(loader, n, cfg.model.z_dim, cfg.run.seed)
+    raise FileNotFoundError(f"no val or train split found for the sample grid of {cfg.data.dataset}")
+
+
+def prepare_run_dir(cfg: TrainConfig, env: DistEnv, resume_step: int | None) -> Path:
+    """Create the run dir and write config.json (rank 0); refuse to overwrite a run."""
+    run_dir = Path(cfg.run.out)
+    if resume_step is None and ckpt.list_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already holds a run ({ckpt.CHECKPOINT_DIR}/); continue it "
+                              "with --resume or choose another --out")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, run_dir / "config.json")
+        if resume_step is not None:
+            truncate_metrics(run_dir, resume_step)
+    barrier(env)
+    return run_dir
+
+
+def load_resume_state(cfg: TrainConfig) -> dict:
+    path = ckpt.latest_checkpoint(cfg.run.out)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {Path(cfg.run.out) / ckpt.CHECKPOINT_DIR}")
+    return ckpt.load_checkpoint(path)
+
+
+def restore_state(state: dict, run: Run) -> int:
+    """Load a checkpoint into the (unwrapped) networks, optimizers, loader and RNGs; returns its step."""
+    nets = run.nets
+    nets.g.load_state_dict(state["G"])
+    nets.d.load_state_dict(state["D"])
+    nets.G_ema.load_state_dict(state["G_ema"])
+    nets.opt_G.load_state_dict(state["opt_G"])
+    nets.opt_D.load_state_dict(state["opt_D"])
+    run.loader.load_state_dict(state["data"])
+    ckpt.restore_rng(state["rng"])
+    z_states = state["rng"]["z"]
+    if len(z_states) != run.env.world_size:
+        raise ValueError(f"the checkpoint was written by {len(z_states)} processes, this run has "
+                         f"{run.env.world_size}; resume with the same number")
+    run.z_gen.set_state(z_states[run.env.rank])
+    return int(state["step"])
+
+
+def checkpoint_state(run: Run, step: int) -> dict:
+    """The checkpoint dict (see :mod:`fastxmc.train.checkpoint`). Collective: call on every rank."""
+    nets = run.nets
+    z_states = gather_objects(run.z_gen.get_state(), run.env)
+    return {"step": step, "G": nets.g.state_dict(), "D": nets.d.state_dict(),
+            "G_ema": nets.G_ema.state_dict(), "opt_G": nets.opt_G.state_dict(),
+            "opt_D": nets.opt_D.state_dict(), "data": run.loader.state_dict(),
+            "rng": {**ckpt.capture_rng(), "z": z_states}, "config": config_to_dict(run.cfg),
+            "text_dim": run.text_dim, "world_size": run.env.world_size}
+
+
+def save(run: Run, step: int) -> Path | None:
+    state = checkpoint_state(run, step)
+    path = ckpt.save_checkpoint(state, run.run_dir, run.cfg.run.keep_checkpoints) if run.env.is_main else None
+    barrier(run.env)
+    return path
+
+
+# ---------------------------------------------------------------- one step
+def batch_stream(loader):
+    """Batches forever: one ``iter(loader)`` per epoch (the loader resumes mid-epoch)."""
+    while True:
+        yield from loader
+
+
+def fetch(stream, count: int) -> tuple:
+    """``count`` batches and the seconds spent waiting for them."""
+    start = time.perf_counter()
+    batches = [next(stream) for _ in range(count)]
+    return batches, time.perf_counter() - start
+
+
+def texts_of(batch: dict, two: bool) -> list:
+    texts = [Text(batch["sentence"], batch["words"], batch["word_mask"])]
+    if two:
+        texts.append(Text(batch["sentence_b"], batch["words_b"], batch["word_mask_b"]))
+    return texts
+
+
+def generate(G: nn.Module, z: torch.Tensor, texts: list) -> torch.Tensor:
+    """One G call for every caption branch, the same z for each: (branches * B, 3, H, W)."""
+    if len(texts) == 1:
+        return G(z, *texts[0])
+    return G(z.repeat(len(texts), 1), *(torch.cat(parts) for parts in zip(*texts)))
+
+
+def discriminate(D: nn.Module, real: torch.Tensor, fakes: torch.Tensor, texts: list, labels):
+    """One D call on concat(real, fakes of every branch), each image with its own sentence."""
+    sentences = torch.cat([texts[0].sentence] + [t.sentence for t in texts])
+    out = D(torch.cat([real, fakes.to(real.dtype)]), sentences)
+    chunks = chunk_output(out, 1 + len(texts))
+    return Views(chunks[0], chunks[1:], texts, labels)
+
+
+@contextlib.contextmanager
+def buffers_restored(module: nn.Module):
+    """Run a forward whose buffer updates (BN running statistics) are discarded."""
+    saved = [b.detach().clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(module.buffers(), saved):
+                buffer.copy_(value)
+
+
+def step_inputs(run: Run, batch: dict):
+    """(texts, labels, z) of a batch: labels only for the label-guided terms."""
+    two = run.cfg.loss.supcon
+    labels = None
+    if two:
+        labels = pair_labels(batch["label"], offset=run.env.rank * run.cfg.run.batch_size)
+    z = torch.randn(batch["image"].shape[0], run.cfg.model.z_dim, device=run.env.device,
+                    generator=run.z_gen)
+    return texts_of(batch, two), labels, z
+
+
+def discriminator_step(run: Run, batch: dict) -> torch.Tensor:
+    """A D-only step; returns its (detached) weighted loss."""
+    nets = run.nets
+    texts, labels, z = step_inputs(run, batch)
+    with torch.no_grad(), buffers_restored(nets.g), run.autocast():
+        fakes = generate(nets.g, z, texts)
+    with run.autocast():
+        views = discriminate(nets.D, batch["image"], fakes, texts, labels)
+    loss = run.losses.total(run.losses.discriminator_terms(views))
+    nets.opt_D.zero_grad(set_to_none=True)
+    loss.backward()
+    nets.opt_D.step()
+    return loss.detach()
+
+
+class JointForward(NamedTuple):
+    d_terms: dict
+    g_terms: dict
+    loss_d: torch.Tensor
+    loss_g: torch.Tensor
+
+
+def joint_forward(run: Run, batch: dict) -> JointForward:
+    """G with gradients, one shared D forward, both loss sets."""
+    texts, labels, z = step_inputs(run, batch)
+    with run.autocast():
+        fakes = generate(run.nets.G, z, texts)
+        views = discriminate(run.nets.D, batch["image"], fakes, texts, labels)
+    d_terms = run.losses.discriminator_terms(views)
+    g_terms = run.losses.generator_terms(views, batch["image"], list(fakes.chunk(len(texts))))
+    return JointForward(d_terms, g_terms, run.losses.total(d_terms), run.losses.total(g_terms))
+
+
+def joint_update(run: Run, fw: JointForward) -> None:
+    """Both gradients at the current parameters, then both Adam steps and the EMA."""
+    nets = run.nets
+    nets.opt_D.zero_grad(set_to_none=True)
+    nets.opt_G.zero_grad(set_to_none=True)
+    fw.loss_d.backward(inputs=list(nets.d.parameters()), retain_graph=True)
+    fw.loss_g.backward(inputs=list(nets.g.parameters()))
+    nets.opt_D.step()
+    nets.opt_G.step()
+    update_ema(nets.G_ema, nets.g, run.cfg.optim.ema_decay)
+
+
+def non_finite_terms(fw: JointForward, d_only: list) -> list:
+    """Names of the non-finite terms (one host sync when all are finite)."""
+    named = {**{f"loss_d[D-only step {i + 1}]": v for i, v in enumerate(d_only)},
+             **fw.d_terms, **fw.g_terms}
+    values = torch.stack([v.detach().float().reshape(()) for v in named.values()])
+    if bool(torch.isfinite(values).all()):
+        return []
+    return [name for name, v in zip(named, values.tolist()) if not np.isfinite(v)]
+
+
+# ---------------------------------------------------------------- bookkeeping
+class Meter:
+    """Throughput and data-wait time since the last logged step."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
+
+    def add(self, wait: float) -> None:
+        self.steps += 1
+        self.wait += wait
+
+    def values(self, images_per_step: int) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        steps = max(self.steps, 1)
+        return {"images_per_s": self.steps * images_per_step / elapsed,
+                "data_wait_s": self.wait / steps, "step_time_s": elapsed / steps}
+
+
+def step_metrics(fw: JointForward) -> dict:
+    values = {"loss_d": fw.loss_d, "loss_g": fw.loss_g, **fw.d_terms, **fw.g_terms}
+    return {k: float(v.detach()) for k, v in values.items()}
+
+
+class StopSignal:
+    """SIGINT/SIGTERM request a clean stop at the end of the current step (a second SIGINT
+    interrupts at once)."""
+
+    def __init__(self):
+        self.received, self._previous = None, {}
+
+    def install(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def write_samples(run: Run, samples: grids.SampleSet, logger: RunLogger, step: int) -> None:
+    if not run.env.is_main:
+        return
+    grid = grids.sample_grid(run.nets.G_ema, samples, run.cfg.run.sample_columns)
+    grids.write_grid(grid, grids.grid_path(run.run_dir, step))
+    logger.log_image("samples", grids.grid_array(grid), step)
+
+
+def check_ranks_agree(run: Run) -> None:
+    """Every rank must end with the same G and D parameters (DDP keeps them in lockstep)."""
+    if not run.env.distributed:
+        return
+    prints = gather_objects([parameter_fingerprint(run.nets.g), parameter_fingerprint(run.nets.d)],
+                            run.env)
+    if any(p != prints[0] for p in prints[1:]):
+        raise RuntimeError("ranks ended with different G/D parameters: DDP lost synchronisation")
+
+
+def due(step: int, every: int, last: bool) -> bool:
+    return last or (every > 0 and step % every == 0)
+
+
+# ---------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, *, resume: bool = False) -> RunResult:
+    """Train (or, with ``resume``, continue) the run of ``cfg`` in ``cfg.run.out``; under torchrun
+    every process calls this."""
+    env = init_distributed(cfg.run.device)
+    threads = torch.get_num_threads()
+    try:
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        return training_loop(cfg, env, resume)
+    finally:
+        torch.set_num_threads(threads)
+        shutdown(env)
+
+
+def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
+    # ---- setup: run dir, data, networks, losses, outputs
+    r = cfg.run
+    autocast = autocast_factory(r.precision, env.device)
+    state = load_resume_state(cfg) if resume else None
+    run_dir = prepare_run_dir(cfg, env, None if state is None else int(state["step"]))
+    seed_everything(r.seed)
+    progress = env.is_main and not r.quiet
+    loader = make_loader(cfg, env, progress)
+    nets = build_networks(cfg, loader.text_dim, env.device)
+    z_gen = torch.Generator(device=env.device).manual_seed(noise_seed(r.seed, env.rank))
+    run = Run(cfg, env, run_dir, loader, nets, build_losses(cfg, env, autocast), z_gen, autocast,
+              loader.text_dim)
+    samples = build_sample_set(cfg, progress)
+    start = restore_state(state, run) if state is not None else 0
+    del state
+    wrap_networks(nets, cfg, env)
+    if env.is_main:
+        grids.write_captions(run_dir, samples)
+    logger = RunLogger(run_dir, enabled=env.is_main, total_steps=r.steps, start_step=start,
+                       tensorboard=r.tensorboard, quiet=r.quiet)
+    logger.message(f"fastxmc.train: {cfg.preset} preset, {cfg.data.dataset} data "
+                   f"({loader.num_samples} images, text_dim {loader.text_dim}), {env.world_size} "
+                   f"process(es) on {env.device}, steps {start + 1}..{r.steps} -> {run_dir}")
+    d_steps = cfg.optim.d_steps_per_g_step
+    images_per_step = r.batch_size * d_steps * env.world_size  # real images, all ranks
+    stream, meter, stop = batch_stream(loader), Meter(), StopSignal().install()
+    step, status, last_ckpt = start, "completed", None
+    nets.G.train()
+    nets.D.train()
+    try:
+        for step in range(start + 1, r.steps + 1):
+            # ---- data
+            batches, wait = fetch(stream, d_steps)
+            meter.add(wait)
+            # ---- D-only steps, then the joint D + G step on the last batch
+            d_only = [discriminator_step(run, batch) for batch in batches[:-1]]
+            fw = joint_forward(run, batches[-1])
+            bad = non_finite_terms(fw, d_only)
+            bad_anywhere, stop_now = any_rank([bool(bad), stop.received is not None], env)
+            if bad_anywhere:
+                where = ", ".join(bad) if bad else "a term on another rank"
+                kept = ckpt.latest_checkpoint(run_dir)
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step}: {where}. The run stopped without updating; "
+                    f"the last good checkpoint is {kept if kept else '(none written yet)'}")
+            joint_update(run, fw)
+            # ---- metrics, samples, checkpoints
+            last = step == r.steps or stop_now
+            if due(step, r.log_every, last):
+                values = step_metrics(fw)
+                logger.log_metrics(step, {**values, **meter.values(images_per_step)})
+                shown = {k: values[k] for k in ("loss_d", "loss_g")}
+                logger.advance(step, shown)
+                logger.print_progress(step, shown)
+                meter.reset()
+            else:
+                logger.advance(step)
+            if due(step, r.sample_every, last):
+                write_samples(run, samples, logger, step)
+            if due(step, r.checkpoint_every, last):
+                last_ckpt = save(run, step)
+            if stop_now:
+                status = "interrupted"
+                logger.message(f"stopped by a signal after step {step}; checkpoint {last_ckpt}; "
+                               "continue with --resume")
+                break
+        if start >= r.steps:
+            logger.message(f"nothing to do: the run is at step {start} >= run.steps={r.steps}")
+        check_ranks_agree(run)
+    finally:
+        stop.restore()
+        logger.close()
+    return RunResult(run_dir, step, status, last_ckpt, stop.received)

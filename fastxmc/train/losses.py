@@ -1,0 +1,227 @@
+"""XMC-GAN's loss set, wired to D's outputs, plus the label-guided SupCon extension.
+
+Conventions (xmcgan.md sections 5 and 7):
+
+* ``C(A, B)`` is XMC-GAN's contrastive loss: L2-normalised rows, logits ``A B^T / 0.1``, cross-entropy
+  with the diagonal as targets in the row **and** the column direction, **summed** (each direction
+  averaged over the batch). :func:`fastxmc.losses.info_nce` averages the directions, so
+  ``C = 2 * info_nce(A, B, 0.1)``. With labels, every pair of equal labels is a positive.
+* D (learns its contrastive heads from real images only):
+  ``L_D = hinge_D + w_s C(p_real, e) + w_w W(regions_real, words)``.
+* G: ``L_G = -mean D(fake) + w_s C(p_fake, e) + w_w W(regions_fake, words) + w_i C(p_fake, p_real)
+  + w_c C(f(real), f(fake))``, with ``p`` D's global features, ``e`` D's sentence projection,
+  ``W`` :func:`fastxmc.losses.region_word_loss` against the raw word embeddings and ``f`` a frozen
+  ImageNet classifier (only when a weights file is given).
+* Label-guided extension (``loss.supcon``): every sample carries two captions (branches a and b); G
+  runs on both with the same z. Labels of -1 (none) become one unique id per sample, shared by its two
+  branches, so such a sample's only positives are its own pairs. Then
+
+  - the sentence terms become label-guided: D's ``C_lab(p_real, e_a)`` and G's
+    ``C_lab([p_fa; p_fb], [e_a; e_b])`` over both branches (inter-modal positives = equal labels);
+  - D: ``+ w_text * SupCon([e_a; e_b])`` (its sentence projection clusters by label);
+  - G: the word, image and classifier terms are the mean of the two branches, and
+    ``+ w_image_supcon * SupCon([p_fa; p_fb])``. SupCon terms use ``loss.supcon_temperature``
+    (0.5, the NT-Xent temperature of Ye et al. 2021; weights 0.2 as in their GAN phase).
+
+Every term is returned unweighted in a dict (for logging); a term whose weight is 0 is not computed.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastxmc.losses import info_nce, region_word_loss, supcon
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLASSIFIER_ARCHS = ("resnet50", "vgg19")
+
+
+class Text(NamedTuple):
+    """One caption per sample: sentence (B, E), words (B, T, E), word_mask (B, T) bool."""
+    sentence: torch.Tensor
+    words: torch.Tensor
+    word_mask: torch.Tensor
+
+
+class DOut(NamedTuple):
+    """D's outputs for one chunk of the batch, in fp32 (see ``fastxmc.models.DiscriminatorOutput``)."""
+    logits: torch.Tensor      # (B,)
+    features: torch.Tensor    # (B, F) global feature p
+    regions: torch.Tensor     # (B, R, E) region features
+    sentence: torch.Tensor    # (B, F) sentence projection e
+
+
+class Views(NamedTuple):
+    """What the losses see of one step: D on the real images and on each caption branch's fakes.
+
+    ``texts[k]`` is the caption of branch k (``texts[0]`` also belongs to the real images);
+    ``labels`` (B,) are the label-guided ids (None without ``loss.supcon``)."""
+    real: DOut
+    fakes: list
+    texts: list
+    labels: torch.Tensor | None
+
+
+def chunk_output(out, chunks: int) -> list:
+    """Split D's output (a NamedTuple whose first four fields are logits, features, regions,
+    sentence, all batch-first) into ``chunks`` equal batch chunks, cast to fp32."""
+    fields = [out.logits, out.features, out.regions, out.sentence]
+    parts = [f.float().chunk(chunks) for f in fields]
+    return [DOut(*chunk) for chunk in zip(*parts)]
+
+
+def contrastive_loss(a, b, temperature: float = 0.1, *, labels=None, group=None):
+    """XMC-GAN's C(A, B): the row and column cross-entropies **summed** (= 2 x ``info_nce``)."""
+    return 2.0 * info_nce(a, b, temperature, labels=labels, group=group)
+
+
+def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """``mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))``."""
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def hinge_g(fake_logits: torch.Tensor) -> torch.Tensor:
+    """``-mean(D(fake))``."""
+    return -fake_logits.mean()
+
+
+def pair_labels(labels: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Labels for the label-guided terms: -1 (no label) becomes a unique negative id per sample.
+
+    ``offset`` (this rank's first global row) keeps the ids unique across ranks under
+    ``group=``. Real labels are >= 0, so the new ids never collide with them."""
+    if labels.dtype != torch.int64 or labels.dim() != 1:
+        raise TypeError(f"labels must be a 1-D int64 tensor, got {labels.dtype} {tuple(labels.shape)}")
+    own = -(1 + offset + torch.arange(labels.shape[0], device=labels.device))
+    return torch.where(labels < 0, own, labels)
+
+
+class FrozenClassifier(nn.Module):
+    """A frozen torchvision ResNet-50 or VGG-19 whose 1000-way logits feed the image loss
+    ``C(f(real), f(fake))``. Images in [0, 1] are resized to 224 and ImageNet-normalised."""
+
+    def __init__(self, arch: str, weights_path: str):
+        super().__init__()
+        self.net = _load_classifier(arch, weights_path)
+        self.net.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        # Always in eval mode: its BN statistics are part of the frozen model.
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)
+        return self.net((x - self.mean) / self.std).float()
+
+
+def _load_classifier(arch: str, weights_path: str) -> nn.Module:
+    import torchvision
+
+    if arch not in CLASSIFIER_ARCHS:
+        raise ValueError(f"loss.image_classifier must be one of {CLASSIFIER_ARCHS}, got {arch!r}")
+    path = Path(weights_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"loss.image_classifier_weights: no file at {path}. Pass a torchvision {arch} "
+            "state_dict saved with torch.save (e.g. the official resnet50-0676ba61.pth); weights "
+            "cannot be downloaded at run time")
+    net = getattr(torchvision.models, arch)(weights=None)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not a torchvision {arch} state_dict: {err}") from None
+    return net
+
+
+class XMCLossSet:
+    """The weighted XMC-GAN terms of D and G for one step (see the module docstring).
+
+    Args:
+        cfg: the ``loss`` section of the train config (weights, temperatures, supcon options).
+        group: a process group for global negatives in the InfoNCE/SupCon terms (None: local).
+        classifier: a :class:`FrozenClassifier` for the classifier image term, or None.
+        autocast: context-manager factory the classifier runs under (bf16 autocast on GPUs).
+    """
+
+    def __init__(self, cfg, *, group=None, classifier: nn.Module | None = None,
+                 autocast=contextlib.nullcontext):
+        self.cfg, self.group, self.classifier, self.autocast = cfg, group, classifier, autocast
+        self.weights = {"d_hinge": 1.0, "d_sentence": cfg.sentence_weight,
+                        "d_word": cfg.word_weight, "g_adv": 1.0, "g_sentence": cfg.sentence_weight,
+                        "g_word": cfg.word_weight, "g_image": cfg.image_weight}
+        if classifier is not None:
+            self.weights["g_classifier"] = cfg.classifier_weight
+        if cfg.supcon:
+            self.weights["d_supcon_text"] = cfg.supcon_text_weight
+            self.weights["g_supcon_image"] = cfg.supcon_image_weight
+
+    def active(self, name: str) -> bool:
+        return self.weights.get(name, 0.0) != 0.0
+
+    def total(self, terms: dict) -> torch.Tensor:
+        """Weighted sum of the terms: the loss that is backpropagated."""
+        return sum(self.weights[name] * value for name, value in terms.items())
+
+    # ------------------------------------------------------------------ D
+    def discriminator_terms(self, v: Views) -> dict:
+        fake_logits = torch.cat([f.logits for f in v.fakes])
+        terms = {"d_hinge": hinge_d(v.real.logits, fake_logits)}
+        text = v.texts[0]
+        if self.active("d_sentence"):
+            terms["d_sentence"] = self._c(v.real.features, v.real.sentence, v.labels)
+        if self.active("d_word"):
+            terms["d_word"] = self._word(v.real.regions, text)
+        if self.active("d_supcon_text"):
+            sentences = torch.cat([v.real.sentence] + [f.sentence for f in v.fakes[1:]])
+            terms["d_supcon_text"] = self._supcon(sentences, v.labels, len(v.fakes))
+        return terms
+
+    # ------------------------------------------------------------------ G
+    def generator_terms(self, v: Views, real_images=None, fake_images=None) -> dict:
+        """``real_images`` (B, 3, H, W) and ``fake_images`` (a list, one per branch) are needed
+        only by the classifier term."""
+        branches = len(v.fakes)
+        terms = {"g_adv": hinge_g(torch.cat([f.logits for f in v.fakes]))}
+        if self.active("g_sentence"):
+            terms["g_sentence"] = self._c(torch.cat([f.features for f in v.fakes]),
+                                          torch.cat([f.sentence for f in v.fakes]),
+                                          None if v.labels is None else v.labels.repeat(branches))
+        if self.active("g_word"):
+            terms["g_word"] = _mean([self._word(f.regions, t) for f, t in zip(v.fakes, v.texts)])
+        if self.active("g_image"):
+            terms["g_image"] = _mean([self._c(f.features, v.real.features) for f in v.fakes])
+        if self.active("g_classifier"):
+            with self.autocast():
+                real_logits = self.classifier(real_images)
+                fake_logits = [self.classifier(img) for img in fake_images]
+            terms["g_classifier"] = _mean([self._c(real_logits, f) for f in fake_logits])
+        if self.active("g_supcon_image"):
+            terms["g_supcon_image"] = self._supcon(torch.cat([f.features for f in v.fakes]),
+                                                   v.labels, branches)
+        return terms
+
+    # ------------------------------------------------------------------ helpers
+    def _c(self, a, b, labels=None):
+        return contrastive_loss(a, b, self.cfg.temperature, labels=labels, group=self.group)
+
+    def _word(self, regions, text: Text):
+        c = self.cfg
+        return region_word_loss(regions, text.words.to(regions.dtype), text.word_mask,
+                                gamma1=c.word_gamma1, gamma2=c.word_gamma2, gamma3=c.word_gamma3)
+
+    def _supcon(self, features, labels, branches: int):
+        return supcon(features, labels.repeat(branches), self.cfg.supcon_temperature,
+                      group=self.group)
+
+
+def _mean(values: list) -> torch.Tensor:
+    return values[0] if len(values) == 1 else torch.stack(values).mean()

@@ -1,0 +1,237 @@
+"""The XMC-GAN loss set wired to D's outputs, against hand-computed values and loop references."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastxmc.train.config import LossConfig
+from fastxmc.train.losses import (DOut, FrozenClassifier, Text, Views, XMCLossSet, chunk_output,
+                                  contrastive_loss, hinge_d, hinge_g, pair_labels)
+
+B, F, R, E, T = 3, 4, 5, 6, 4
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Random inputs in fp64, so the comparisons with the loop references are tight."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+# ---------------------------------------------------------------- independent references (loops)
+def _unit(v):
+    return v / v.norm()
+
+
+def ref_contrastive(a, b, t=0.1, labels=None):
+    """XMC-GAN C(A, B): rows + columns, each direction averaged over its anchors; positives are the
+    diagonal, or every equal-label pair."""
+    n = a.shape[0]
+    s = [[float(_unit(a[i]) @ _unit(b[j])) / t for j in range(n)] for i in range(n)]
+    pos = [[(i == j) if labels is None else (int(labels[i]) == int(labels[j])) for j in range(n)]
+           for i in range(n)]
+
+    def direction(mat, positive):
+        losses = []
+        for i in range(n):
+            ps = [j for j in range(n) if positive[i][j]]
+            if ps:
+                lse = math.log(sum(math.exp(x) for x in mat[i]))
+                losses.append(sum(lse - mat[i][p] for p in ps) / len(ps))
+        return sum(losses) / len(losses)
+
+    transpose = lambda m: [list(r) for r in zip(*m)]  # noqa: E731
+    return direction(s, pos) + direction(transpose(s), transpose(pos))
+
+
+def ref_supcon(x, labels, t):
+    n = x.shape[0]
+    s = [[float(_unit(x[i]) @ _unit(x[j])) / t for j in range(n)] for i in range(n)]
+    losses = []
+    for i in range(n):
+        ps = [p for p in range(n) if p != i and int(labels[p]) == int(labels[i])]
+        if ps:
+            lse = math.log(sum(math.exp(s[i][j]) for j in range(n) if j != i))
+            losses.append(sum(lse - s[i][p] for p in ps) / len(ps))
+    return sum(losses) / len(losses)
+
+
+def ref_word_loss(regions, words, mask, g1=5.0, g2=5.0, g3=50.0):
+    """AttnGAN/XMC-GAN word loss by loops: attention over regions per word, S(i, j), CE rows + cols."""
+    n = regions.shape[0]
+    logits = torch.zeros(n, n)
+    for i in range(n):
+        r = torch.stack([_unit(v) for v in regions[i]])                      # (R, d)
+        for j in range(n):
+            scores = []
+            for t in range(words.shape[1]):
+                if not mask[j, t]:
+                    continue
+                w = _unit(words[j, t])
+                attn = torch.softmax(g1 * (r @ w), dim=0)                    # over regions
+                context = (attn[:, None] * r).sum(0)
+                scores.append(g2 * float(w @ _unit(context)))
+            logits[i, j] = g3 * math.log(sum(math.exp(x) for x in scores)) / g2
+    target = torch.arange(n)
+    ce = torch.nn.functional.cross_entropy
+    return float(ce(logits, target) + ce(logits.T, target))
+
+
+# ---------------------------------------------------------------- hand-computed values
+def test_contrastive_loss_sums_the_two_directions():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # S = [[10, 0], [0, 10]]: each direction is log(1 + e^-10); XMC-GAN sums the two.
+    assert contrastive_loss(a, a.clone()).item() == pytest.approx(2 * math.log1p(math.exp(-10)), rel=1e-9)
+    x, y = torch.randn(5, 3), torch.randn(5, 3)
+    assert contrastive_loss(x, y).item() == pytest.approx(ref_contrastive(x, y), rel=1e-9)
+
+
+def test_contrastive_loss_with_labels():
+    x, y = torch.randn(6, 3), torch.randn(6, 3)
+    labels = torch.tensor([0, 1, 0, 2, 1, -5])
+    assert contrastive_loss(x, y, labels=labels).item() == pytest.approx(
+        ref_contrastive(x, y, labels=labels), rel=1e-9)
+
+
+def test_hinge_losses_by_hand():
+    real, fake = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([-2.0, 0.5, 0.0])
+    # relu(1 - real) = [0.5, 0, 2] -> 5/6; relu(1 + fake) = [0, 1.5, 1] -> 5/6
+    assert hinge_d(real, fake).item() == pytest.approx(5 / 3)
+    assert hinge_g(fake).item() == pytest.approx(0.5)
+
+
+def test_pair_labels_give_unlabelled_samples_their_own_id():
+    out = pair_labels(torch.tensor([3, -1, 0, -1]), offset=10)
+    assert out.tolist() == [3, -12, 0, -14]
+    with pytest.raises(TypeError, match="int64"):
+        pair_labels(torch.tensor([1.0]))
+
+
+def test_chunk_output_splits_every_field_in_fp32():
+    out = DOut(torch.arange(6.0).bfloat16(), torch.ones(6, 2), torch.ones(6, 3, 4), torch.ones(6, 2))
+    real, fake_a, fake_b = chunk_output(out, 3)
+    assert fake_a.logits.tolist() == [2.0, 3.0] and fake_b.regions.shape == (2, 3, 4)
+    assert real.logits.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- the wiring
+def _dout(n=B):
+    return DOut(torch.randn(n), torch.randn(n, F), torch.randn(n, R, E), torch.randn(n, F))
+
+
+def _text(n=B):
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True], [True, False, False, False]])
+    return Text(torch.randn(n, E), torch.randn(n, T, E), mask[:n])
+
+
+def test_standard_terms_match_the_references():
+    real, fake, text = _dout(), _dout(), _text()
+    losses = XMCLossSet(LossConfig())
+    v = Views(real, [fake], [text], None)
+    d, g = losses.discriminator_terms(v), losses.generator_terms(v)
+    assert set(d) == {"d_hinge", "d_sentence", "d_word"}
+    assert set(g) == {"g_adv", "g_sentence", "g_word", "g_image"}
+    assert d["d_hinge"].item() == pytest.approx(hinge_d(real.logits, fake.logits).item())
+    assert d["d_sentence"].item() == pytest.approx(ref_contrastive(real.features, real.sentence), rel=1e-7)
+    assert d["d_word"].item() == pytest.approx(
+        ref_word_loss(real.regions, text.words, text.word_mask), rel=1e-6)
+    assert g["g_adv"].item() == pytest.approx(-fake.logits.mean().item())
+    assert g["g_sentence"].item() == pytest.approx(ref_contrastive(fake.features, fake.sentence), rel=1e-7)
+    assert g["g_word"].item() == pytest.approx(
+        ref_word_loss(fake.regions, text.words, text.word_mask), rel=1e-6)
+    assert g["g_image"].item() == pytest.approx(ref_contrastive(fake.features, real.features), rel=1e-7)
+
+
+def test_weights_scale_terms_and_zero_switches_them_off():
+    cfg = LossConfig(sentence_weight=0.5, word_weight=2.0, image_weight=0.0)
+    losses = XMCLossSet(cfg)
+    v = Views(_dout(), [_dout()], [_text()], None)
+    g = losses.generator_terms(v)
+    assert "g_image" not in g and not losses.active("g_image")
+    expected = g["g_adv"] + 0.5 * g["g_sentence"] + 2.0 * g["g_word"]
+    assert losses.total(g).item() == pytest.approx(expected.item())
+    off = XMCLossSet(LossConfig(sentence_weight=0, word_weight=0))
+    assert set(off.discriminator_terms(v)) == {"d_hinge"}
+
+
+def test_classifier_term_uses_the_classifier_logits():
+    torch.manual_seed(1)
+    f = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    real_img, fake_img = torch.rand(B, 3, 4, 4), torch.rand(B, 3, 4, 4)
+    losses = XMCLossSet(LossConfig(classifier_weight=0.5), classifier=f)
+    g = losses.generator_terms(Views(_dout(), [_dout()], [_text()], None), real_img, [fake_img])
+    with torch.no_grad():
+        expected = ref_contrastive(f(real_img), f(fake_img))
+    assert g["g_classifier"].item() == pytest.approx(expected, rel=1e-7)
+    assert losses.weights["g_classifier"] == 0.5
+
+
+def test_label_guided_terms_with_two_caption_branches():
+    torch.manual_seed(2)
+    real, fake_a, fake_b = _dout(), _dout(), _dout()
+    text_a, text_b = _text(), _text()
+    labels = pair_labels(torch.tensor([7, -1, 7]))
+    cfg = LossConfig(supcon=True, supcon_image_weight=0.3, supcon_text_weight=0.4, supcon_temperature=0.5)
+    losses = XMCLossSet(cfg)
+    v = Views(real, [fake_a, fake_b], [text_a, text_b], labels)
+    d, g = losses.discriminator_terms(v), losses.generator_terms(v)
+    both = torch.cat([labels, labels])
+    fakes_logits = torch.cat([fake_a.logits, fake_b.logits])
+    assert d["d_hinge"].item() == pytest.approx(hinge_d(real.logits, fakes_logits).item())
+    assert d["d_sentence"].item() == pytest.approx(
+        ref_contrastive(real.features, real.sentence, labels=labels), rel=1e-7)
+    assert d["d_supcon_text"].item() == pytest.approx(
+        ref_supcon(torch.cat([real.sentence, fake_b.sentence]), both, 0.5), rel=1e-7)
+    assert g["g_adv"].item() == pytest.approx(-fakes_logits.mean().item())
+    assert g["g_sentence"].item() == pytest.approx(ref_contrastive(
+        torch.cat([fake_a.features, fake_b.features]), torch.cat([fake_a.sentence, fake_b.sentence]),
+        labels=both), rel=1e-7)
+    word = (ref_word_loss(fake_a.regions, text_a.words, text_a.word_mask)
+            + ref_word_loss(fake_b.regions, text_b.words, text_b.word_mask)) / 2
+    assert g["g_word"].item() == pytest.approx(word, rel=1e-6)
+    image = (ref_contrastive(fake_a.features, real.features)
+             + ref_contrastive(fake_b.features, real.features)) / 2
+    assert g["g_image"].item() == pytest.approx(image, rel=1e-7)
+    assert g["g_supcon_image"].item() == pytest.approx(
+        ref_supcon(torch.cat([fake_a.features, fake_b.features]), both, 0.5), rel=1e-7)
+    assert losses.total(d).item() == pytest.approx(
+        (d["d_hinge"] + d["d_sentence"] + d["d_word"] + 0.4 * d["d_supcon_text"]).item())
+    assert losses.weights["g_supcon_image"] == 0.3
+
+
+# ---------------------------------------------------------------- the frozen ImageNet classifier
+def test_classifier_weights_file_must_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="loss.image_classifier_weights: no file at"):
+        FrozenClassifier("resnet50", str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="must be one of"):
+        FrozenClassifier("alexnet", str(tmp_path / "missing.pth"))
+
+
+def test_classifier_rejects_a_wrong_state_dict(tmp_path):
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="is not a torchvision resnet50 state_dict"):
+        FrozenClassifier("resnet50", str(tmp_path / "bad.pth"))
+
+
+def test_classifier_loads_resnet50_and_is_frozen(tmp_path):
+    import torchvision
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(3)
+        net = torchvision.models.resnet50(weights=None).eval()
+        torch.save(net.state_dict(), tmp_path / "r50.pth")
+        clf = FrozenClassifier("resnet50", str(tmp_path / "r50.pth")).train()
+        images = torch.rand(2, 3, 16, 16)
+        x = torch.nn.functional.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            expected = net((x - mean) / std)
+            got = clf(images)
+        assert not clf.training and not any(p.requires_grad for p in clf.parameters())
+        torch.testing.assert_close(got, expected)
+    finally:
+        torch.set_default_dtype(torch.float64)
