@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastxmc.ops.checks import check_float_tensor, check_like, check_positive, check_word_mask
-from fastxmc.ops.region_word import region_word_similarity, registry
-from fastxmc.ops.registry import Request
+from fastxmc.ops.region_word import region_word_similarity, registry, request_for
 
 
 def _check(regions, words, word_mask, gammas: dict) -> None:
@@ -46,7 +45,7 @@ def region_word_loss(regions: torch.Tensor, words: torch.Tensor, word_mask: torc
         sums the two directions). Gradients flow to regions and words.
     """
     _check(regions, words, word_mask, {"gamma1": gamma1, "gamma2": gamma2, "gamma3": gamma3})
-    backend = registry.select(Request(regions.device, regions.dtype), impl)
+    backend = registry.select(request_for(regions), impl)
     logits = gamma3 * region_word_similarity(regions, words, word_mask, gamma1, gamma2,
                                              backend=backend)
     target = torch.arange(logits.shape[0], device=logits.device)
