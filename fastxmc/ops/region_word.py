@@ -110,10 +110,10 @@ registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
 registry.register(Backend("cuda", _cuda_unsupported, "C++/CUDA kernels (csrc/), cuBLAS + fused epilogues"))
 
 
-def request_for(regions: torch.Tensor) -> Request:
+def request_for(device: torch.device, dtype: torch.dtype, n_regions: int) -> Request:
     """The registry request of a call: device, dtype and whether R fits the Triton tiles."""
-    many = regions.shape[1] > triton_region_word.MAX_REGIONS
-    return Request(regions.device, regions.dtype, frozenset({MANY_REGIONS}) if many else frozenset())
+    many = n_regions > triton_region_word.MAX_REGIONS
+    return Request(torch.device(device), dtype, frozenset({MANY_REGIONS}) if many else frozenset())
 
 
 # ---------------------------------------------------------------- the custom op pair
