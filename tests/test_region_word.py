@@ -152,9 +152,9 @@ def test_low_precision_error_bounded_by_reference(backend, dtype):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_fp64_gradcheck(backend):
-    regions = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    words = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    mask = _mask(3, 4, lengths=[4, 1, 2])
+    regions = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+    words = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+    mask = _mask(3, 3, lengths=[3, 1, 2])
     assert torch.autograd.gradcheck(
         lambda r, w: region_word_loss(r, w, mask, gamma1=3.0, gamma2=4.0, gamma3=6.0,
                                       impl=backend), (regions, words))
@@ -239,9 +239,15 @@ def test_native_kernel_checks_its_own_inputs():
     with pytest.raises(RuntimeError, match="same d"):
         torch.ops.fastxmc.region_word_forward(regions, torch.randn(2, 5, 3),
                                               torch.ones(2, 5).bool(), 5.0, 5.0)
+    mask = torch.ones(2, 5).bool()
+    s, gram = torch.ops.fastxmc.region_word_forward(regions, words, mask, 5.0, 5.0)
+    assert s.shape == (2, 2) and gram.shape == (2, 3, 3)
     with pytest.raises(RuntimeError, match=r"grad_s must have shape \(2, 2\)"):
-        torch.ops.fastxmc.region_word_backward(torch.ones(3), regions, words,
-                                               torch.ones(2, 5).bool(), torch.ones(2, 2), 5.0, 5.0)
+        torch.ops.fastxmc.region_word_backward(torch.ones(3), regions, words, mask, s, gram, 5.0,
+                                               5.0)
+    with pytest.raises(RuntimeError, match=r"gram must be the forward's \(2, 3, 3\)"):
+        torch.ops.fastxmc.region_word_backward(torch.ones(2, 2), regions, words, mask, s,
+                                               gram[:, :2], 5.0, 5.0)
 
 
 # ---------------------------------------------------------------- torch.compile

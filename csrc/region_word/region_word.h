@@ -10,9 +10,11 @@
 //   q_t    = sum_k A_tk H_tk                   (= |c_t|^2)
 //   cos_t  = p_t * rsqrt(max(q_t, 1e-12))      (= cos(w_t, c_t), guarded like the reference)
 //   S[i, j] = logsumexp over valid t(gamma2 cos_t) / gamma2
-// Forward returns S (B_img, B_cap). Nothing else is saved: the backward recomputes the tiles.
+// Forward returns (S (B_img, B_cap), gram (B_img, R, R) = the G_i, saved for the backward; the
+// Triton kernels do not use G and return an empty gram). Nothing else is saved: the backward
+// recomputes the (B_cap T x R) tiles of every image.
 //
-// Backward, with upstream grad_s (B_img, B_cap) and the forward's S:
+// Backward, with upstream grad_s (B_img, B_cap) and the forward's S and gram:
 //   dcos_t = grad_s[i, j] exp(gamma2 (cos_t - S[i, j])) on valid words, 0 on padding
 //   u = rsqrt(max(q, 1e-12)), dp = dcos u, dq = -dcos p u^3 / 2 (0 where q <= 1e-12)
 //   dA = dp sim + 2 dq H, and sum_k A_tk dA_tk = dp p + 2 dq q, so
@@ -29,20 +31,26 @@
 
 namespace fastxmc {
 
-at::Tensor region_word_forward_cpu(const at::Tensor& regions, const at::Tensor& words,
-                                   const at::Tensor& word_mask, double gamma1, double gamma2);
+std::tuple<at::Tensor, at::Tensor> region_word_forward_cpu(const at::Tensor& regions,
+                                                          const at::Tensor& words,
+                                                          const at::Tensor& word_mask,
+                                                          double gamma1, double gamma2);
 
 std::tuple<at::Tensor, at::Tensor> region_word_backward_cpu(
     const at::Tensor& grad_s, const at::Tensor& regions, const at::Tensor& words,
-    const at::Tensor& word_mask, const at::Tensor& s, double gamma1, double gamma2);
+    const at::Tensor& word_mask, const at::Tensor& s, const at::Tensor& gram, double gamma1,
+    double gamma2);
 
 #ifdef FASTXMC_WITH_CUDA
-at::Tensor region_word_forward_cuda(const at::Tensor& regions, const at::Tensor& words,
-                                    const at::Tensor& word_mask, double gamma1, double gamma2);
+std::tuple<at::Tensor, at::Tensor> region_word_forward_cuda(const at::Tensor& regions,
+                                                           const at::Tensor& words,
+                                                           const at::Tensor& word_mask,
+                                                           double gamma1, double gamma2);
 
 std::tuple<at::Tensor, at::Tensor> region_word_backward_cuda(
     const at::Tensor& grad_s, const at::Tensor& regions, const at::Tensor& words,
-    const at::Tensor& word_mask, const at::Tensor& s, double gamma1, double gamma2);
+    const at::Tensor& word_mask, const at::Tensor& s, const at::Tensor& gram, double gamma1,
+    double gamma2);
 #endif
 
 }  // namespace fastxmc

@@ -5,7 +5,7 @@
 // three fused row kernels, one warp per (image, caption word) row of R regions:
 //   sim = wn rn_b^T              at::bmm, (bi, NW, R) with NW = B_cap T (padding rows included)
 //   softmax_rows_kernel          A = softmax(gamma1 sim), p = rowsum(A sim)
-//   H = A G_b, G_b = rn_b rn_b^T at::bmm
+//   H = A G_b                    at::bmm; G = rn rn^T (B_img, R, R) by the forward, saved
 //   forward:  cos_rows_kernel    q = rowsum(A H), cos = p rsqrt(max(q, eps))
 //             caption_lse_kernel S[i, j] = lse over caption j's real words of gamma2 cos, / gamma2
 //   backward: backward_rows_kernel  q, cos, dcos, dp, dq, then sim <- dsim and H <- A dq in place
@@ -181,8 +181,8 @@ struct BlockTiles {
   at::Tensor rn, sim, attn, h, p;
 };
 
-BlockTiles block_tiles(const at::Tensor& rn, const at::Tensor& wn, int64_t i0, int64_t bi,
-                       float gamma1, bool keep_sim, cudaStream_t stream) {
+BlockTiles block_tiles(const at::Tensor& rn, const at::Tensor& wn, const at::Tensor& gram,
+                       int64_t i0, int64_t bi, float gamma1, bool keep_sim, cudaStream_t stream) {
   BlockTiles t;
   const int64_t NW = wn.size(0), R = rn.size(1);
   t.rn = rn.narrow(0, i0, bi);
@@ -196,7 +196,7 @@ BlockTiles block_tiles(const at::Tensor& rn, const at::Tensor& wn, int64_t i0, i
         static_cast<int>(R), gamma1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  t.h = at::bmm(t.attn, at::bmm(t.rn, t.rn.transpose(1, 2)));
+  t.h = at::bmm(t.attn, gram.narrow(0, i0, bi));
   return t;
 }
 
@@ -227,8 +227,10 @@ void check_inputs(const char* fn, const at::Tensor& regions, const at::Tensor& w
 
 }  // namespace
 
-at::Tensor region_word_forward_cuda(const at::Tensor& regions, const at::Tensor& words,
-                                    const at::Tensor& word_mask, double gamma1, double gamma2) {
+std::tuple<at::Tensor, at::Tensor> region_word_forward_cuda(const at::Tensor& regions,
+                                                           const at::Tensor& words,
+                                                           const at::Tensor& word_mask,
+                                                           double gamma1, double gamma2) {
   const char* fn = "region_word_forward_cuda";
   check_inputs(fn, regions, words, word_mask, gamma1, gamma2);
   const c10::cuda::CUDAGuard device_guard(regions.device());
@@ -239,10 +241,12 @@ at::Tensor region_word_forward_cuda(const at::Tensor& regions, const at::Tensor&
   const at::Tensor wn = normalize(words).xn.view({NW, D});
   const at::Tensor mask = word_mask.contiguous();
   at::Tensor S = at::empty({B_img, B_cap}, rn.options());
+  const at::Tensor gram = at::bmm(rn, rn.transpose(1, 2));
   const int64_t bi_max = images_per_block(B_img, NW, R);
   for (int64_t i0 = 0; i0 < B_img; i0 += bi_max) {
     const int64_t bi = std::min(bi_max, B_img - i0);
-    const BlockTiles t = block_tiles(rn, wn, i0, bi, static_cast<float>(gamma1), false, stream);
+    const BlockTiles t =
+        block_tiles(rn, wn, gram, i0, bi, static_cast<float>(gamma1), false, stream);
     at::Tensor cos = at::empty({bi, NW}, rn.options());
     cos_rows_kernel<<<row_blocks(bi * NW), kThreads, 0, stream>>>(
         t.attn.data_ptr<float>(), t.h.data_ptr<float>(), t.p.data_ptr<float>(),
@@ -254,12 +258,13 @@ at::Tensor region_word_forward_cuda(const at::Tensor& regions, const at::Tensor&
         B_cap, static_cast<int>(T), static_cast<float>(gamma2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return S;
+  return {S, gram};
 }
 
 std::tuple<at::Tensor, at::Tensor> region_word_backward_cuda(
     const at::Tensor& grad_s, const at::Tensor& regions, const at::Tensor& words,
-    const at::Tensor& word_mask, const at::Tensor& s, double gamma1, double gamma2) {
+    const at::Tensor& word_mask, const at::Tensor& s, const at::Tensor& gram, double gamma1,
+    double gamma2) {
   const char* fn = "region_word_backward_cuda";
   check_inputs(fn, regions, words, word_mask, gamma1, gamma2);
   const int64_t B_img = regions.size(0), R = regions.size(1), D = regions.size(2);
@@ -269,9 +274,13 @@ std::tuple<at::Tensor, at::Tensor> region_word_backward_cuda(
                 ": grad_s and s must be CUDA (", B_img, ", ", B_cap, ") tensors, got ",
                 t->sizes());
   }
+  TORCH_CHECK(gram.is_cuda() && gram.dim() == 3 && gram.size(0) == B_img && gram.size(1) == R &&
+                  gram.size(2) == R,
+              fn, ": gram must be the forward's (", B_img, ", ", R, ", ", R, ") CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(regions.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Normalized r = normalize(regions), w = normalize(words);
+  const at::Tensor G = gram.detach().to(at::kFloat).contiguous();
   const at::Tensor wn = w.xn.view({NW, D});
   const at::Tensor mask = word_mask.contiguous();
   const at::Tensor gs = grad_s.detach().to(at::kFloat).contiguous();
@@ -281,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> region_word_backward_cuda(
   const int64_t bi_max = images_per_block(B_img, NW, R);
   for (int64_t i0 = 0; i0 < B_img; i0 += bi_max) {
     const int64_t bi = std::min(bi_max, B_img - i0);
-    BlockTiles t = block_tiles(r.xn, wn, i0, bi, static_cast<float>(gamma1), true, stream);
+    BlockTiles t = block_tiles(r.xn, wn, G, i0, bi, static_cast<float>(gamma1), true, stream);
     backward_rows_kernel<<<row_blocks(bi * NW), kThreads, 0, stream>>>(
         t.sim.data_ptr<float>(), t.attn.data_ptr<float>(), t.h.data_ptr<float>(),
         t.p.data_ptr<float>(), mask.data_ptr<bool>(), gs.data_ptr<float>() + i0 * B_cap,

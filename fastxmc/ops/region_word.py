@@ -37,9 +37,9 @@ def _native_forward(regions, words, word_mask, gamma1, gamma2):
     return torch.ops.fastxmc.region_word_forward(regions, words, word_mask, gamma1, gamma2)
 
 
-def _native_backward(grad_s, regions, words, word_mask, s, gamma1, gamma2):
-    return torch.ops.fastxmc.region_word_backward(grad_s, regions, words, word_mask, s, gamma1,
-                                                  gamma2)
+def _native_backward(grad_s, regions, words, word_mask, s, gram, gamma1, gamma2):
+    return torch.ops.fastxmc.region_word_backward(grad_s, regions, words, word_mask, s, gram,
+                                                  gamma1, gamma2)
 
 
 # The C++ op dispatches on the tensors' device, so "cpu" and "cuda" share the entry points.
@@ -121,45 +121,62 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+# Backends whose forward saves the (B_img, R, R) Gram matrices for the backward (the others
+# return an empty gram).
+_SAVES_GRAM = ("torch", "cpu", "cuda")
+
+
 @torch.library.custom_op("fastxmc::region_word_similarity", mutates_args=())
 def region_word_similarity_op(regions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor,
-                              gamma1: float, gamma2: float, backend: str) -> torch.Tensor:
+                              gamma1: float, gamma2: float, backend: str
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     forward, _ = _KERNELS[backend]
-    return forward(regions.contiguous(), words.contiguous(), word_mask.contiguous(), gamma1, gamma2)
+    s, gram = forward(regions.contiguous(), words.contiguous(), word_mask.contiguous(), gamma1,
+                      gamma2)
+    return s, gram
 
 
 @region_word_similarity_op.register_fake
 def _(regions, words, word_mask, gamma1, gamma2, backend):
-    return regions.new_empty(regions.shape[0], words.shape[0], dtype=_acc_dtype(regions))
+    acc = _acc_dtype(regions)
+    b, r = regions.shape[0], regions.shape[1]
+    gram_shape = (b, r, r) if backend in _SAVES_GRAM else (0,)
+    return (regions.new_empty(b, words.shape[0], dtype=acc),
+            regions.new_empty(gram_shape, dtype=acc))
 
 
 @torch.library.custom_op("fastxmc::region_word_similarity_backward", mutates_args=())
 def region_word_similarity_backward_op(grad_s: torch.Tensor, regions: torch.Tensor,
                                        words: torch.Tensor, word_mask: torch.Tensor,
-                                       s: torch.Tensor, gamma1: float, gamma2: float, backend: str
+                                       s: torch.Tensor, gram: torch.Tensor, gamma1: float,
+                                       gamma2: float, backend: str
                                        ) -> tuple[torch.Tensor, torch.Tensor]:
     _, backward = _KERNELS[backend]
     return backward(grad_s.contiguous(), regions.contiguous(), words.contiguous(),
-                    word_mask.contiguous(), s.contiguous(), gamma1, gamma2)
+                    word_mask.contiguous(), s.contiguous(), gram.contiguous(), gamma1, gamma2)
 
 
 @region_word_similarity_backward_op.register_fake
-def _(grad_s, regions, words, word_mask, s, gamma1, gamma2, backend):
+def _(grad_s, regions, words, word_mask, s, gram, gamma1, gamma2, backend):
     acc = _acc_dtype(regions)
     return regions.new_empty(regions.shape, dtype=acc), words.new_empty(words.shape, dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
     regions, words, word_mask, gamma1, gamma2, backend = inputs
-    ctx.save_for_backward(regions, words, word_mask, output)
+    s, gram = output
+    ctx.mark_non_differentiable(gram)
+    ctx.save_for_backward(regions, words, word_mask, s, gram)
     ctx.params = (gamma1, gamma2, backend)
 
 
-def _backward(ctx, grad_s):
-    regions, words, word_mask, s = ctx.saved_tensors
+def _backward(ctx, grad_s, _grad_gram):
+    regions, words, word_mask, s, gram = ctx.saved_tensors
     gamma1, gamma2, backend = ctx.params
+    if grad_s is None:
+        grad_s = torch.zeros_like(s)
     grad_regions, grad_words = region_word_similarity_backward_op(
-        grad_s, regions, words, word_mask, s, gamma1, gamma2, backend)
+        grad_s, regions, words, word_mask, s, gram, gamma1, gamma2, backend)
     return grad_regions.to(regions.dtype), grad_words.to(words.dtype), None, None, None, None
 
 
@@ -173,5 +190,6 @@ def region_word_similarity(regions: torch.Tensor, words: torch.Tensor, word_mask
     if backend == "reference":
         return region_word_similarity_reference(regions, words, word_mask, float(gamma1),
                                                 float(gamma2))
-    return region_word_similarity_op(regions, words, word_mask, float(gamma1), float(gamma2),
+    s, _ = region_word_similarity_op(regions, words, word_mask, float(gamma1), float(gamma2),
                                      backend)
+    return s

@@ -5,7 +5,8 @@ Contract: ``csrc/region_word/region_word.h``; oracle:
 
 Images are processed in blocks of ``bi`` so that at most ``bi x B x T x R`` attention values exist
 at once (``CHUNK_ELEMENTS``); the backward recomputes each block's tiles from the inputs instead of
-storing them, with a hand-derived gradient (no autograd graph over the tiles). For image i, caption
+storing them (only the (B, R, R) Gram matrices are saved), with a hand-derived gradient (no
+autograd graph over the tiles). For image i, caption
 j and word t (``wn`` / ``rn`` the L2-normalised words / regions, ``G_i = rn_i rn_i^T``):
 
     sim_tk = wn_t . rn_k,   A_t = softmax_k(g1 sim_t),   p_t = sum_k A_tk sim_tk  (= wn_t . c_t)
@@ -52,14 +53,15 @@ def normalize_backward(x: torch.Tensor, inv: torch.Tensor, grad_xn: torch.Tensor
 
 
 class _Block:
-    """The recomputed tiles of images [i0, i1) against every caption: shapes (bi, B*T, R)."""
+    """The recomputed tiles of images [i0, i1) against every caption: shapes (bi, B*T, R).
+    ``gram``: the block's (bi, R, R) Gram matrices, computed here when None (the forward)."""
 
-    def __init__(self, rn_blk, wn_flat, gamma1):
+    def __init__(self, rn_blk, wn_flat, gamma1, gram=None):
         self.rn = rn_blk                                             # (bi, R, d)
         self.sim = torch.matmul(wn_flat, rn_blk.transpose(1, 2))     # (bi, BT, R)
         self.attn = torch.softmax(gamma1 * self.sim, dim=-1)
         self.p = (self.attn * self.sim).sum(-1)                      # (bi, BT)
-        self.gram = torch.matmul(rn_blk, rn_blk.transpose(1, 2))     # (bi, R, R)
+        self.gram = torch.matmul(rn_blk, rn_blk.transpose(1, 2)) if gram is None else gram
         self.h = torch.matmul(self.attn, self.gram)                  # (bi, BT, R)
         self.q = (self.attn * self.h).sum(-1)                        # (bi, BT)
         self.u = torch.rsqrt(self.q.clamp_min(NORM_EPS))
@@ -72,17 +74,19 @@ class _Block:
 
 
 def region_word_forward_torch(regions, words, word_mask, gamma1: float, gamma2: float):
-    """S (B_img, B_cap) in fp32 (fp64 for fp64 inputs)."""
+    """(S (B_img, B_cap), gram (B_img, R, R)) in fp32 (fp64 for fp64 inputs)."""
     acc = _acc_dtype(regions)
     rn, _ = _normalized(regions.to(acc))
     wn, _ = _normalized(words.to(acc))
     b, t, r = words.shape[0], words.shape[1], regions.shape[1]
     wn_flat = wn.reshape(b * t, -1)
     s = torch.empty(regions.shape[0], b, dtype=acc, device=regions.device)
+    gram = torch.empty(regions.shape[0], r, r, dtype=acc, device=regions.device)
     for i0, i1 in _image_blocks(regions.shape[0], b * t * r):
-        cos = _Block(rn[i0:i1], wn_flat, gamma1).masked_cos(word_mask)
-        s[i0:i1] = torch.logsumexp(gamma2 * cos, dim=-1) / gamma2
-    return s
+        blk = _Block(rn[i0:i1], wn_flat, gamma1)
+        gram[i0:i1] = blk.gram
+        s[i0:i1] = torch.logsumexp(gamma2 * blk.masked_cos(word_mask), dim=-1) / gamma2
+    return s, gram
 
 
 def _block_backward(blk: _Block, grad_s, s, word_mask, gamma1, gamma2):
@@ -101,7 +105,7 @@ def _block_backward(blk: _Block, grad_s, s, word_mask, gamma1, gamma2):
     return dsim, dgram
 
 
-def region_word_backward_torch(grad_s, regions, words, word_mask, s, gamma1: float,
+def region_word_backward_torch(grad_s, regions, words, word_mask, s, gram, gamma1: float,
                                gamma2: float):
     """(grad_regions (B, R, d), grad_words (B, T, d)) in fp32 (fp64 for fp64 inputs)."""
     acc = _acc_dtype(regions)
@@ -114,7 +118,7 @@ def region_word_backward_torch(grad_s, regions, words, word_mask, s, gamma1: flo
     d_wn = torch.zeros_like(wn_flat)
     d_rn = torch.empty_like(rn)
     for i0, i1 in _image_blocks(regions.shape[0], b * t * r):
-        blk = _Block(rn[i0:i1], wn_flat, gamma1)
+        blk = _Block(rn[i0:i1], wn_flat, gamma1, gram[i0:i1].to(acc))
         dsim, dgram = _block_backward(blk, grad_s[i0:i1], s[i0:i1], word_mask, gamma1, gamma2)
         # d wn += sum over the block's images of dsim_i rn_i: one GEMM with K = bi * R.
         d_wn.addmm_(dsim.transpose(0, 1).reshape(b * t, -1), blk.rn.reshape(-1, blk.rn.shape[-1]))

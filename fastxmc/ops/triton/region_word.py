@@ -207,8 +207,8 @@ def _launch(kernel_raw, kernel_tuned, grid_rows: int, n_images: int, args: tuple
 
 
 def region_word_forward_triton(regions: Tensor, words: Tensor, word_mask: Tensor, gamma1: float,
-                               gamma2: float) -> Tensor:
-    """S (B_img, B_cap) fp32 (see the module doc)."""
+                               gamma2: float) -> Tuple[Tensor, Tensor]:
+    """(S (B_img, B_cap) fp32, an empty gram: these kernels do not use the Gram matrices)."""
     _require_triton(regions.device)
     b_img, r, d = regions.shape
     b_cap, t = word_mask.shape
@@ -219,7 +219,7 @@ def region_word_forward_triton(regions: Tensor, words: Tensor, word_mask: Tensor
     _launch(_region_word_fwd_kernel, _fwd_tuned, b_cap * t, b_img,
             (wn, rn, cos, b_cap * t, r, d, float(gamma1)), dict(RP=rp))
     cos = cos.view(b_img, b_cap, t).masked_fill(~word_mask[None], float("-inf"))
-    return torch.logsumexp(gamma2 * cos, dim=-1) / gamma2
+    return torch.logsumexp(gamma2 * cos, dim=-1) / gamma2, cos.new_empty(0)
 
 
 def _normalize_backward(x: Tensor, inv: Tensor, grad_xn: Tensor) -> Tensor:
@@ -228,8 +228,9 @@ def _normalize_backward(x: Tensor, inv: Tensor, grad_xn: Tensor) -> Tensor:
 
 
 def region_word_backward_triton(grad_s: Tensor, regions: Tensor, words: Tensor, word_mask: Tensor,
-                                s: Tensor, gamma1: float, gamma2: float) -> Tuple[Tensor, Tensor]:
-    """(grad_regions (B_img, R, d), grad_words (B_cap, T, d)), fp32."""
+                                s: Tensor, gram: Tensor, gamma1: float, gamma2: float
+                                ) -> Tuple[Tensor, Tensor]:
+    """(grad_regions (B_img, R, d), grad_words (B_cap, T, d)), fp32; ``gram`` is unused."""
     _require_triton(regions.device)
     b_img, r, d = regions.shape
     b_cap, t = word_mask.shape
