@@ -5,8 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from fastxmc.ops.checks import check_float_tensor, check_like, check_positive, check_word_mask
-from fastxmc.ops.region_word import region_word_similarity, registry
-from fastxmc.ops.registry import Request
+from fastxmc.ops.region_word import region_word_similarity, registry, request_for
+
+
+@torch._dynamo.assume_constant_result
+def _choose_backend(device: torch.device, dtype: torch.dtype, n_regions: int, impl) -> str:
+    # Evaluated eagerly while torch.compile traces (the choice reads files and the environment).
+    return registry.select(request_for(device, dtype, n_regions), impl)
 
 
 def _check(regions, words, word_mask, gammas: dict) -> None:
@@ -46,7 +51,7 @@ def region_word_loss(regions: torch.Tensor, words: torch.Tensor, word_mask: torc
         sums the two directions). Gradients flow to regions and words.
     """
     _check(regions, words, word_mask, {"gamma1": gamma1, "gamma2": gamma2, "gamma3": gamma3})
-    backend = registry.select(Request(regions.device, regions.dtype), impl)
+    backend = _choose_backend(regions.device, regions.dtype, regions.shape[1], impl)
     logits = gamma3 * region_word_similarity(regions, words, word_mask, gamma1, gamma2,
                                              backend=backend)
     target = torch.arange(logits.shape[0], device=logits.device)
