@@ -1,0 +1,55 @@
+"""Smoke test of benchmarks/bench_train_step.py: --quick on the tiny preset writes its rows."""
+import math
+
+import pytest
+
+import fastxmc.models.generator as generator_module
+import fastxmc.train.losses as losses_module
+from benchmarks import bench_train_step as bench
+from benchmarks import common
+from fastxmc.train import loop
+
+ORIGINALS = {(losses_module, "info_nce"): losses_module.info_nce,
+             (generator_module, "word_attention"): generator_module.word_attention,
+             (loop, "update_ema"): loop.update_ema}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    """The tiny shapes data and its caption cache in a per-session directory, never the user's."""
+    monkeypatch.setenv("FASTXMC_CACHE", str(tmp_path_factory.getbasetemp() / "fastxmc-cache"))
+    monkeypatch.delenv("FASTXMC_IMPL", raising=False)
+
+
+def test_quick_tiny_run_writes_step_breakdown_and_loader_rows(tmp_path, capsys):
+    out = tmp_path / "train_step.csv"
+    assert bench.main(["--configs", "tiny", "--quick", "--steps", "1", "--loader-batches", "2",
+                       "--out", str(out)]) == 0
+    rows = common.read_rows(out)
+    steps = {r["provider"]: r for r in rows if r["metric"] == "step"}
+    assert set(steps) == {"fused", "reference"}
+    for row in steps.values():
+        assert row["config"] == "tiny" and row["status"] == "ok" and int(row["reps"]) == 1
+        # images per step = batch 8 x 2 D steps
+        assert float(row["images_per_s"]) == pytest.approx(
+            16 / (float(row["median_ms"]) / 1e3), rel=1e-3)
+    assert "word_attention=reference" in steps["reference"]["backends"]
+    assert float(steps["fused"]["ratio_to_baseline"]) == pytest.approx(
+        float(steps["fused"]["median_ms"]) / float(steps["reference"]["median_ms"]), rel=1e-3)
+    for provider in ("fused", "reference"):
+        mine = {r["metric"]: r for r in rows
+                if r["section"] == "train_step" and r["provider"] == provider}
+        # one step: the exclusive phases add up to the step, each op ran in it
+        assert math.isclose(sum(float(mine[p]["share"]) for p in bench.PHASES), 1.0, rel_tol=1e-4)
+        assert float(mine["g_fwd"]["median_ms"]) > 0 and float(mine["g_bwd"]["median_ms"]) > 0
+        for op in ("word_attention", "modulated_batch_norm", "info_nce", "region_word_loss"):
+            fwd, bwd = (float(mine[f"op:{op}:{k}"]["median_ms"]) for k in ("fwd", "bwd"))
+            assert fwd > 0 and bwd > 0
+            assert float(mine[f"op:{op}:total"]["median_ms"]) == pytest.approx(fwd + bwd, rel=1e-3)
+    loaders = {r["data_backend"]: r for r in rows if r["section"] == "data_loader"}
+    assert set(loaders) == {"dali", "torch"} and all(float(r["images_per_s"]) > 0
+                                                     for r in loaders.values())
+    printed = capsys.readouterr().out
+    assert "verdict fused vs reference tiny" in printed and "verdict data wait" in printed
+    for (module, name), original in ORIGINALS.items():
+        assert getattr(module, name) is original, f"{module.__name__}.{name} was not restored"
