@@ -10,17 +10,16 @@ traces through it), autograd wiring, and the backend registry used by the public
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from fastxmc import _extension
-from fastxmc.ops.registry import Backend, OpRegistry, Request
+from fastxmc.ops import backends
+from fastxmc.ops.registry import Backend, OpRegistry
 from fastxmc.ops.streaming.infonce import (similarity_lse_backward_torch,
                                            similarity_lse_forward_torch)
 from fastxmc.ops.triton import infonce as triton_infonce
 
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Register the compiled ops (torch.ops.fastxmc.*) now; a missing build is reported, not raised.
 _extension.extension_loaded()
@@ -48,46 +47,9 @@ _KERNELS = {
 
 
 # ---------------------------------------------------------------- what each backend supports
-def _torch_unsupported(req: Request) -> list:
-    return [] if req.dtype.is_floating_point else [f"dtype {req.dtype} is not floating point"]
-
-
-def _cpu_unsupported(req: Request) -> list:
-    why = []
-    if not _extension.has_kernel("infonce_lse_forward", "CPU"):
-        why.append(_extension.extension_error() or "the extension has no CPU kernel")
-    if req.device.type != "cpu":
-        why.append(f"tensors are on {req.device.type}, not cpu")
-    if req.dtype not in FUSED_DTYPES + (torch.float64,):
-        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16/float64")
-    return why
-
-
-def _cuda_unsupported(req: Request) -> list:
-    why = []
-    if not _extension.extension_loaded():
-        why.append(_extension.extension_error())
-    elif not _extension.has_kernel("infonce_lse_forward", "CUDA"):
-        why.append("the extension was built without CUDA kernels (FASTXMC_CUDA=0 or no toolkit)")
-    if req.device.type != "cuda":
-        why.append(f"tensors are on {req.device.type}, not cuda")
-    if req.dtype not in FUSED_DTYPES:
-        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16")
-    return why
-
-
-def _triton_unsupported(req: Request) -> list:
-    why = []
-    reason = triton_infonce.triton_unavailable_reason(req.device)
-    if reason:
-        why.append(reason)
-    if req.dtype not in FUSED_DTYPES:
-        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16")
-    return why
-
-
-def _reference_unsupported(req: Request) -> list:
-    return _torch_unsupported(req)
+_cpu_unsupported = backends.native_cpu("infonce_lse_forward")
+_cuda_unsupported = backends.native_cuda("infonce_lse_forward")
+_triton_unsupported = backends.triton(triton_infonce.triton_unavailable_reason)
 
 
 registry = OpRegistry(
@@ -98,8 +60,8 @@ registry = OpRegistry(
               "cpu": ["cpu", "torch", "reference"],
               "default": ["torch", "reference"]},
 )
-registry.register(Backend("reference", _reference_unsupported, "materialized plain PyTorch (oracle)"))
-registry.register(Backend("torch", _torch_unsupported, "streaming PyTorch, bounded memory"))
+registry.register(Backend("reference", backends.floating_unsupported, "materialized plain PyTorch (oracle)"))
+registry.register(Backend("torch", backends.floating_unsupported, "streaming PyTorch, bounded memory"))
 registry.register(Backend("cpu", _cpu_unsupported, "C++ kernels (csrc/), ATen GEMM + fused epilogues"))
 registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
 registry.register(Backend("cuda", _cuda_unsupported, "C++/CUDA kernels (csrc/)"))

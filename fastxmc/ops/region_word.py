@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 
 from fastxmc import _extension
+from fastxmc.ops import backends
 from fastxmc.ops.registry import Backend, OpRegistry, Request
 from fastxmc.ops.streaming.region_word import (region_word_backward_torch,
                                                region_word_forward_torch)
 from fastxmc.ops.triton import region_word as triton_region_word
 from fastxmc.reference.region_word import region_word_similarity_reference
 
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Request feature: more regions than the Triton kernels hold in one tile (see that module).
 MANY_REGIONS = "many_regions"
 
@@ -53,41 +53,13 @@ _KERNELS = {
 
 
 # ---------------------------------------------------------------- what each backend supports
-def _floating(req: Request) -> list:
-    return [] if req.dtype.is_floating_point else [f"dtype {req.dtype} is not floating point"]
-
-
-def _cpu_unsupported(req: Request) -> list:
-    why = []
-    if not _extension.has_kernel("region_word_forward", "CPU"):
-        why.append(_extension.extension_error() or "the extension has no region_word CPU kernel")
-    if req.device.type != "cpu":
-        why.append(f"tensors are on {req.device.type}, not cpu")
-    if req.dtype not in FUSED_DTYPES + (torch.float64,):
-        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16/float64")
-    return why
-
-
-def _cuda_unsupported(req: Request) -> list:
-    why = []
-    if not _extension.extension_loaded():
-        why.append(_extension.extension_error())
-    elif not _extension.has_kernel("region_word_forward", "CUDA"):
-        why.append("the extension was built without CUDA kernels (FASTXMC_CUDA=0 or no toolkit)")
-    if req.device.type != "cuda":
-        why.append(f"tensors are on {req.device.type}, not cuda")
-    if req.dtype not in FUSED_DTYPES:
-        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16")
-    return why
+_cpu_unsupported = backends.native_cpu("region_word_forward")
+_cuda_unsupported = backends.native_cuda("region_word_forward")
+_triton_available = backends.triton(triton_region_word.triton_unavailable_reason)
 
 
 def _triton_unsupported(req: Request) -> list:
-    why = []
-    reason = triton_region_word.triton_unavailable_reason(req.device)
-    if reason:
-        why.append(reason)
-    if req.dtype not in FUSED_DTYPES:
-        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16")
+    why = _triton_available(req)
     if MANY_REGIONS in req.features:
         why.append(f"more than {triton_region_word.MAX_REGIONS} regions per image")
     return why
@@ -101,9 +73,9 @@ registry = OpRegistry(
               "cpu": ["cpu", "torch", "reference"],
               "default": ["torch", "reference"]},
 )
-registry.register(Backend("reference", _floating,
+registry.register(Backend("reference", backends.floating_unsupported,
                           "materialized plain PyTorch (oracle): O(B^2 T (R + d)) memory"))
-registry.register(Backend("torch", _floating, "streaming PyTorch, image blocks, bounded memory"))
+registry.register(Backend("torch", backends.floating_unsupported, "streaming PyTorch, image blocks, bounded memory"))
 registry.register(Backend("cpu", _cpu_unsupported,
                           "C++ kernels (csrc/), ATen GEMMs + fused epilogues, padding skipped"))
 registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
