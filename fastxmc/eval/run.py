@@ -1,0 +1,375 @@
+"""The evaluation procedure of ``python -m fastxmc.eval --run DIR``.
+
+G_ema of the run's latest checkpoint draws ``num_samples`` images for the captions of the validation
+split (its loader with the run's data config, not shuffled, one caption per image; epochs repeat
+when ``num_samples`` exceeds the split, each with new caption draws) from noise seeded by ``seed``.
+Written to ``DIR/eval/metrics.json`` and ``DIR/eval/report.md``:
+
+- ``fid_dual`` / ``kid_dual``: in the space of the dual encoder's pooled image feature
+  (``ImageEncoding.pooled``), against the real validation images (all, or the first ``num_real``);
+- ``fid_inception`` / ``kid_inception`` / ``inception_score``: with a local InceptionV3 weights file;
+- ``r_precision``: each generated image's global dual feature ranked against its caption and 99
+  mismatched captions of other source images (AttnGAN / DM-GAN), mean and std over 10 folds;
+- ``attributes`` (shapes only): :class:`~fastxmc.eval.attributes.AttributeAccuracy` on the samples
+  of single-object validation records, beside the classifier's real-val accuracy and chance.
+
+Real-image statistics are cached under ``<cache>/eval/`` keyed by the data config, the extractor
+file's sha256 and the evaluation settings. Everything is deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastxmc.data.loader import build_loader
+from fastxmc.eval.attributes import AttributeAccuracy, ensure_attribute_classifier, is_single_object
+from fastxmc.eval.inception import load_inception
+from fastxmc.eval.metrics import (FeatureStats, fid_from_stats, inception_score,
+                                  kernel_inception_distance, r_precision)
+from fastxmc.models.dual_encoder import DualEncoder
+from fastxmc.train.checkpoint import load_run
+
+EVAL_DIR = "eval"
+DUAL_FILE = "dual_encoder.pt"
+STATS_FORMAT = "fastxmc-eval-real-stats-v1"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate and how (the command line's options)."""
+    run_dir: str
+    dual: str | None = None          # a pretrain run dir or its dual_encoder.pt
+    inception: str | None = None     # a local InceptionV3 weights file
+    num_samples: int = 2048
+    num_real: int = 0                # real validation images for the statistics (0: all of them)
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint: str | None = None    # default: the run's latest
+    num_mismatched: int = 99
+    folds: int = 10
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000      # capped at the smaller sample count
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("num_samples", "batch_size", "num_mismatched", "folds", "kid_subsets"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.kid_subset_size < 2 or self.num_samples < 2:
+            raise ValueError(f"num_samples and kid_subset_size must be >= 2, got {self.num_samples} "
+                             f"and {self.kid_subset_size}")
+        if isinstance(self.num_real, bool) or not isinstance(self.num_real, int) or self.num_real < 0 \
+                or self.num_real == 1:
+            raise ValueError(f"num_real must be 0 (all) or an int >= 2, got {self.num_real!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+
+# ---------------------------------------------------------------- extractors
+def pretrain_hint(data_cfg) -> str:
+    if data_cfg.dataset == "shapes":
+        return "python -m fastxmc.pretrain --out runs/dual"
+    return f"python -m fastxmc.pretrain --dataset {data_cfg.dataset} --data {data_cfg.path} --out runs/dual"
+
+
+def resolve_dual_path(dual, data_cfg) -> Path:
+    """The dual_encoder.pt of ``dual`` (a pretrain run dir or the file); clear errors otherwise."""
+    if dual is None:
+        raise FileNotFoundError(
+            f"no dual encoder given: R-precision and fid_dual need one (and FID needs it unless "
+            f"--inception PATH is given). Pretrain one with `{pretrain_hint(data_cfg)}`, then pass "
+            f"--dual runs/dual")
+    path = Path(dual)
+    if path.is_dir():
+        path = path / DUAL_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"--dual {dual}: no {DUAL_FILE} in that directory; pretrain one "
+                                    f"with `{pretrain_hint(data_cfg)}`")
+    elif not path.is_file():
+        raise FileNotFoundError(f"--dual {dual}: no such file or directory; pretrain a dual encoder "
+                                f"with `{pretrain_hint(data_cfg)}`")
+    return path
+
+
+def file_digest(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Extractors:
+    """The feature extractors of one evaluation (either may be None, not both)."""
+    dual: DualEncoder | None
+    inception: object | None
+    dual_path: Path | None
+    inception_path: Path | None
+
+    def names(self) -> list:
+        return [n for n, m in (("dual", self.dual), ("inception", self.inception)) if m is not None]
+
+    def fingerprint(self) -> dict:
+        return {name: file_digest(getattr(self, f"{name}_path")) for name in self.names()}
+
+
+def load_extractors(opts: EvalOptions, data_cfg, text_dim: int) -> Extractors:
+    if opts.inception is not None:
+        inception_path = Path(opts.inception)
+        inception = load_inception(inception_path, device=opts.device)
+    else:
+        inception_path = inception = None
+    dual = dual_path = None
+    if opts.dual is not None or inception is None:
+        dual_path = resolve_dual_path(opts.dual, data_cfg)
+        dual = DualEncoder.load(dual_path, map_location=opts.device).requires_grad_(False)
+        if dual.config.text_dim != text_dim:
+            raise ValueError(f"--dual {dual_path} was pretrained on {dual.config.text_dim}-d text "
+                             f"embeddings, the run's text encoder gives {text_dim}-d ones")
+    return Extractors(dual, inception, dual_path, inception_path)
+
+
+def to_resolution(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                         antialias=True)
+
+
+# ---------------------------------------------------------------- feature accumulation
+class ImageFeatures:
+    """Streaming statistics of one image set for every extractor (+ Inception probabilities)."""
+
+    def __init__(self, extractors: Extractors, keep: int):
+        self.extractors = extractors
+        self.stats = {name: FeatureStats(keep=keep) for name in extractors.names()}
+        self.probabilities = []
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor) -> None:
+        ex = self.extractors
+        if ex.dual is not None:
+            pooled = ex.dual.encode_image(to_resolution(images, ex.dual.config.resolution)).pooled
+            self.stats["dual"].update(pooled.float().cpu())
+        if ex.inception is not None:
+            out = ex.inception(images)
+            self.stats["inception"].update(out.features.cpu())
+            self.probabilities.append(out.logits.softmax(-1).double().cpu())
+
+
+def real_stats_path(data_cfg, extractors: Extractors, keep: int, num_real: int) -> Path:
+    key = json.dumps({"format": STATS_FORMAT, "data": data_cfg.to_dict(), "keep": keep,
+                      "num_real": num_real,
+                      "extractors": extractors.fingerprint()}, sort_keys=True)
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return data_cfg.resolved_cache_dir() / EVAL_DIR / f"real-{name}.pt"
+
+
+def _save_atomic(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def real_stats(loader, extractors: Extractors, keep: int, num_real: int, device, progress: bool) -> dict:
+    """{extractor name: FeatureStats} of the first ``num_real`` real validation images (0: all of
+    them), cached."""
+    path = real_stats_path(loader.cfg, extractors, keep, num_real)
+    if path.is_file():
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") == STATS_FORMAT:
+            return {name: FeatureStats.from_state_dict(s) for name, s in payload["stats"].items()}
+    features = ImageFeatures(extractors, keep)
+    total = min(num_real, loader.num_samples) if num_real else loader.num_samples  # each image once
+    batches = caption_batches(loader, total)
+    for batch in tqdm(batches, desc="real images", total=math.ceil(total / loader.batch_size),
+                      disable=not progress):
+        features.update(batch["image"].to(device))
+    _save_atomic({"format": STATS_FORMAT,
+                  "stats": {n: s.state_dict() for n, s in features.stats.items()}}, path)
+    return features.stats
+
+
+# ---------------------------------------------------------------- generated samples
+def val_loader(data_cfg, opts: EvalOptions, device):
+    """The validation split in a fixed order, one caption per image, no flips."""
+    data = dataclasses.replace(data_cfg, two_captions=False, flip=False)
+    return build_loader(data, split="val", batch_size=opts.batch_size, shuffle=False, drop_last=False,
+                        seed=opts.seed, device=device, progress=opts.progress)
+
+
+def caption_batches(loader, n: int):
+    """Batches of the loader, over as many epochs as needed, until ``n`` rows (the last one cut)."""
+    done = 0
+    while done < n:
+        for batch in loader:
+            take = min(batch["image"].shape[0], n - done)
+            yield {k: v[:take] for k, v in batch.items()}
+            done += take
+            if done >= n:
+                return
+
+
+class AttributeTargets:
+    """The attribute records of the shapes validation images, looked up by the loader's index."""
+
+    def __init__(self, loader, cache_dir, progress: bool):
+        from fastxmc.data.shapes import read_attributes
+
+        folder = Path(loader.data.root) / "val"
+        by_name = {Path(r["image"]).name: r for r in read_attributes(folder)}
+        self.records = [by_name[Path(r.path).name] for r in loader.data.records]
+        self.scored = 0
+        self.meter = AttributeAccuracy(ensure_attribute_classifier(loader.data.root, cache_dir=cache_dir,
+                                                                   progress=progress))
+
+    def update(self, images: torch.Tensor, index: torch.Tensor) -> None:
+        records = [self.records[i] for i in index.tolist()]
+        keep = [i for i, r in enumerate(records) if is_single_object(r)]
+        if keep:
+            self.meter.update(images[keep].cpu(), [records[i] for i in keep])
+            self.scored += len(keep)
+
+
+@torch.no_grad()
+def generated_features(run, loader, extractors: Extractors, opts: EvalOptions, attributes) -> tuple:
+    """G_ema on ``opts.num_samples`` validation captions: (ImageFeatures, R-precision inputs)."""
+    features = ImageFeatures(extractors, keep=opts.num_samples)
+    z_gen = torch.Generator().manual_seed(opts.seed)
+    image_emb, text_emb, groups = [], [], []
+    bar = tqdm(total=opts.num_samples, desc="generated images", unit="img", disable=not opts.progress)
+    for batch in caption_batches(loader, opts.num_samples):
+        z = torch.randn(batch["image"].shape[0], run.config.model.z_dim, generator=z_gen)
+        fakes = run.G_ema(z.to(opts.device), batch["sentence"], batch["words"], batch["word_mask"])
+        fakes = fakes.float().clamp(0, 1)
+        features.update(fakes)
+        if extractors.dual is not None:
+            dual = extractors.dual
+            image_emb.append(dual.encode_image(to_resolution(fakes, dual.config.resolution))
+                             .global_feature.float().cpu())
+            text_emb.append(dual.encode_text(batch["sentence"], batch["words"], batch["word_mask"])
+                            .sentence.float().cpu())
+            groups.append(batch["index"].cpu())
+        if attributes is not None:
+            attributes.update(fakes, batch["index"].cpu())
+        bar.update(fakes.shape[0])
+    bar.close()
+    return features, (image_emb, text_emb, groups)
+
+
+# ---------------------------------------------------------------- metrics
+def distance_metrics(name: str, fake: FeatureStats, real: FeatureStats, opts: EvalOptions) -> dict:
+    subset = min(opts.kid_subset_size, fake.num, real.num)
+    kid_mean, kid_std = kernel_inception_distance(fake.kept(), real.kept(), subsets=opts.kid_subsets,
+                                                  subset_size=subset, seed=opts.seed)
+    return {f"fid_{name}": fid_from_stats(fake, real),
+            f"kid_{name}": {"mean": kid_mean, "std": kid_std, "subset_size": subset,
+                            "subsets": opts.kid_subsets}}
+
+
+def r_precision_metric(inputs: tuple, opts: EvalOptions) -> dict:
+    image_emb, text_emb, groups = (torch.cat(part) for part in inputs)
+    result = r_precision(image_emb, text_emb, groups=groups, num_mismatched=opts.num_mismatched,
+                         folds=min(opts.folds, image_emb.shape[0]), seed=opts.seed)
+    return {**result, "num_mismatched": opts.num_mismatched}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def evaluate(opts: EvalOptions) -> dict:
+    """Run the evaluation of ``opts.run_dir``; write ``DIR/eval/metrics.json`` and ``report.md``.
+    Returns the metrics dict."""
+    opts = dataclasses.replace(opts, device=resolve_device(opts.device))
+    run = load_run(opts.run_dir, device=opts.device, checkpoint=opts.checkpoint)
+    data_cfg = run.config.data
+    extractors = load_extractors(opts, data_cfg, run.text_dim)
+    loader = val_loader(data_cfg, opts, opts.device)
+    attributes = None
+    if data_cfg.dataset == "shapes":
+        attributes = AttributeTargets(loader, data_cfg.resolved_cache_dir(), opts.progress)
+    real = real_stats(val_loader(data_cfg, opts, opts.device), extractors, opts.num_samples,
+                      opts.num_real, opts.device, opts.progress)
+    fake, rp_inputs = generated_features(run, loader, extractors, opts, attributes)
+    metrics = {"run": str(opts.run_dir), "checkpoint": str(run.path), "step": run.step,
+               "num_samples": opts.num_samples, "num_real": next(iter(real.values())).num,
+               "seed": opts.seed,
+               "extractors": {n: str(getattr(extractors, f"{n}_path")) for n in extractors.names()}}
+    for name in extractors.names():
+        metrics.update(distance_metrics(name, fake.stats[name], real[name], opts))
+    if extractors.inception is not None:
+        mean, std = inception_score(torch.cat(fake.probabilities), splits=min(10, opts.num_samples))
+        metrics["inception_score"] = {"mean": mean, "std": std, "splits": min(10, opts.num_samples)}
+    if extractors.dual is not None:
+        metrics["r_precision"] = r_precision_metric(rp_inputs, opts)
+    if attributes is not None and attributes.scored:
+        metrics["attributes"] = attributes.meter.compute()
+    write_outputs(Path(opts.run_dir), metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------- outputs
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def report_lines(metrics: dict) -> list:
+    """The markdown report of a metrics dict."""
+    lines = [f"# Evaluation of {metrics['run']}", "",
+             f"Checkpoint `{metrics['checkpoint']}` (step {metrics['step']}); {metrics['num_samples']} "
+             f"generated images vs {metrics['num_real']} real validation images; seed {metrics['seed']}.",
+             "", "| metric | value |", "|---|---|"]
+    for name in ("dual", "inception"):
+        if f"fid_{name}" in metrics:
+            kid = metrics[f"kid_{name}"]
+            lines.append(f"| fid_{name} | {_number(metrics[f'fid_{name}'])} |")
+            lines.append(f"| kid_{name} | {_number(kid['mean'])} ± {_number(kid['std'])} |")
+    for name in ("inception_score", "r_precision"):
+        if name in metrics:
+            lines.append(f"| {name} | {_number(metrics[name]['mean'])} ± {_number(metrics[name]['std'])} |")
+    if "attributes" in metrics:
+        attrs = metrics["attributes"]
+        lines += ["", f"Attribute accuracy on {attrs['n']} single-object captions:", "",
+                  "| attribute | generated | real val | chance |", "|---|---|---|---|"]
+        for key, row in attrs.items():
+            if key != "n":
+                lines.append(f"| {key} | {_number(row['accuracy'])} | {_number(row['real_val_accuracy'])} "
+                             f"| {_number(row['chance'])} |")
+    extractors = ", ".join(f"{k}: `{v}`" for k, v in metrics["extractors"].items())
+    lines += ["", f"Feature extractors: {extractors}.", ""]
+    return lines
+
+
+def write_outputs(run_dir: Path, metrics: dict) -> Path:
+    """``DIR/eval/metrics.json`` and ``DIR/eval/report.md`` (each written atomically)."""
+    out = run_dir / EVAL_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("metrics.json", json.dumps(metrics, indent=2) + "\n"),
+                       ("report.md", "\n".join(report_lines(metrics)))):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return out

@@ -1,0 +1,139 @@
+"""python -m fastxmc.eval --run DIR: outputs, determinism, caching, Inception metrics, errors."""
+import json
+
+import pytest
+import torch
+from torchvision.models import inception_v3
+
+from fastxmc.data.shapes import read_attributes
+from fastxmc.eval import __main__ as cli
+from fastxmc.eval import run as ev
+from fastxmc.eval.attributes import is_single_object
+from fastxmc.eval.metrics import FeatureStats, fid_from_stats
+from fastxmc.pretrain import loop as pretrain_loop
+from fastxmc.pretrain.config import build_config as pretrain_config
+from fastxmc.train import loop as train_loop
+from fastxmc.train.config import build_config as train_config
+
+QUIET = [("run.quiet", "true"), ("run.tensorboard", "false")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny GAN run (2 steps) and a tiny dual encoder (2 steps) sharing one data cache."""
+    base = tmp_path_factory.mktemp("eval")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTXMC_CACHE", str(base / "cache"))
+        train_loop.train(train_config("tiny", [("run.out", str(base / "gan")), ("run.steps", "2"), *QUIET]))
+        pretrain_loop.pretrain(pretrain_config("tiny", [("run.out", str(base / "dual")),
+                                                        ("run.steps", "2"), *QUIET]))
+    torch.set_num_threads(threads)
+    return base
+
+
+@pytest.fixture(autouse=True)
+def env(runs, monkeypatch):
+    monkeypatch.setenv("FASTXMC_CACHE", str(runs / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def options(runs, **kw):
+    return ev.EvalOptions(run_dir=str(runs / "gan"), **{"dual": str(runs / "dual"), "num_samples": 40,
+                                                        "batch_size": 16, "progress": False, **kw})
+
+
+def test_eval_writes_metrics_and_report(runs):
+    metrics = ev.evaluate(options(runs))
+    saved = json.loads((runs / "gan" / "eval" / "metrics.json").read_text())
+    assert saved == metrics
+    assert metrics["step"] == 2 and metrics["num_samples"] == 40 and metrics["num_real"] == 32
+    assert metrics["fid_dual"] > 0 and "fid_inception" not in metrics and "inception_score" not in metrics
+    assert metrics["kid_dual"]["subset_size"] == 32
+    rp = metrics["r_precision"]
+    assert rp["n"] == 40 and rp["folds"] == 10 and 0 <= rp["mean"] <= 1
+    # Attribute accuracy on the single-object records of the captions used: the 32 val images, then
+    # the first 8 again (the loader is not shuffled).
+    records = read_attributes(runs / "cache" / "shapes" / _only_dataset(runs) / "val")
+    single = sum(is_single_object(r) for r in records) + sum(is_single_object(r) for r in records[:8])
+    attrs = metrics["attributes"]
+    assert attrs["n"] == single
+    for name in ("shape", "color", "size", "position", "all"):
+        assert set(attrs[name]) == {"accuracy", "real_val_accuracy", "chance"}
+        assert 0 <= attrs[name]["accuracy"] <= 1 and 0 < attrs[name]["chance"] <= 1
+    report = (runs / "gan" / "eval" / "report.md").read_text()
+    assert "fid_dual" in report and "r_precision" in report and "| shape |" in report
+
+
+def _only_dataset(runs) -> str:
+    (folder,) = [p.name for p in (runs / "cache" / "shapes").iterdir() if (p / "val").is_dir()]
+    return folder
+
+
+def test_eval_is_deterministic_and_caches_real_statistics(runs):
+    first = ev.evaluate(options(runs, seed=3))
+    cached = list((runs / "cache" / "eval").glob("real-*.pt"))
+    assert cached
+    again = ev.evaluate(options(runs, seed=3))
+    assert again == first
+    other = ev.evaluate(options(runs, seed=4))
+    assert other["fid_dual"] != first["fid_dual"]
+
+
+def test_fid_dual_matches_a_direct_computation(runs):
+    """fid_dual recomputed from the dual encoder's pooled features of the same images."""
+    opts = options(runs, num_samples=16)
+    metrics = ev.evaluate(opts)
+    run = ev.load_run(opts.run_dir)
+    dual = ev.DualEncoder.load(runs / "dual" / "dual_encoder.pt")
+    loader = ev.val_loader(run.config.data, opts, "cpu")
+    fake, real = FeatureStats(), FeatureStats()
+    z = torch.randn(16, run.config.model.z_dim, generator=torch.Generator().manual_seed(0))
+    batches = list(loader)
+    with torch.no_grad():
+        for batch in batches:
+            real.update(dual.encode_image(batch["image"]).pooled)
+        for batch in batches[:1]:
+            fakes = run.G_ema(z, batch["sentence"], batch["words"], batch["word_mask"]).clamp(0, 1)
+            fake.update(dual.encode_image(fakes).pooled)
+    assert metrics["fid_dual"] == pytest.approx(fid_from_stats(fake, real), rel=1e-4)
+
+
+def test_inception_metrics_with_a_local_weights_file(runs, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pth"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False, num_classes=10).state_dict(),
+               weights)
+    metrics = ev.evaluate(options(runs, dual=None, inception=str(weights), num_samples=4, num_real=6,
+                                         batch_size=4))
+    assert metrics["fid_inception"] > 0 and metrics["kid_inception"]["subset_size"] == 4
+    assert 1 <= metrics["inception_score"]["mean"] <= 10
+    assert metrics["num_real"] == 6
+    assert "r_precision" not in metrics and "fid_dual" not in metrics
+
+
+def test_errors_are_clear(runs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["--run", str(tmp_path / "empty"), "--dual", str(runs / "dual"), "--quiet"]) == 2
+    assert "has no checkpoints" in capsys.readouterr().err
+    gan = str(runs / "gan")
+    assert cli.main(["--run", gan, "--inception", str(tmp_path / "missing.pth"), "--quiet"]) == 2
+    assert "missing.pth not found" in capsys.readouterr().err
+    assert cli.main(["--run", gan, "--quiet"]) == 2
+    assert "python -m fastxmc.pretrain --out runs/dual" in capsys.readouterr().err
+    assert cli.main(["--run", gan, "--dual", str(tmp_path), "--quiet"]) == 2
+    assert "no dual_encoder.pt" in capsys.readouterr().err
+    assert cli.main(["--run", gan, "--dual", str(runs / "dual"), "--n", "1", "--quiet"]) == 2
+    assert "num_samples" in capsys.readouterr().err
+
+
+def test_command_line_writes_the_outputs(runs, capsys):
+    gan = str(runs / "gan")
+    assert cli.main(["--run", gan, "--dual", str(runs / "dual" / "dual_encoder.pt"), "--n", "16",
+                     "--quiet"]) == 0
+    assert "fid_dual" in capsys.readouterr().out
+    assert json.loads((runs / "gan" / "eval" / "metrics.json").read_text())["num_samples"] == 16
