@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     except NonFiniteLossError as err:
         print(f"fastxmc.train: {err}", file=sys.stderr)
         return 1
+    except FileExistsError as err:  # --out already holds a run and --resume was not given
+        print(f"fastxmc.train: error: {err}", file=sys.stderr)
+        return 2
     return 128 + int(result.signal) if result.status == "interrupted" else 0
 
 
