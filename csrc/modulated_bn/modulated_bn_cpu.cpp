@@ -1,0 +1,906 @@
+// CPU kernels of the fused modulated batch norm (contract: modulated_bn.h) and the op schemas.
+//
+// Layouts without copies. NCHW: a work item is one (b, c) plane of H*W contiguous values, whose
+// per-channel parameters are scalars. NHWC (channels_last): a work item is a run of pixel rows of
+// C contiguous values, whose per-channel parameters are vectors over c. Both are written once, as
+// "runs" of contiguous values whose parameters are either broadcast (kVec = false) or loaded per
+// lane (kVec = true); per-channel parameter arrays are padded to whole vectors (Cp) for the latter.
+//
+// Passes (memory-bound: each reads or writes every value once):
+//   forward:  [training] statistics reduction -> per (b, c) shifted sums -> mean, invstd, var;
+//             normalize-modulate(-ReLU) element-wise pass writing y (and the uint8 ReLU mask);
+//   backward: [when needed] reduction of per (b, c) sums of dym * w and dym * w * x_hat;
+//             element-wise pass writing dx (and per-pixel dgamma, dbeta).
+// Reductions: each work item writes its own partial (float32 vector accumulators, flushed into
+// float64 every kFlushValues values or kFlushRows rows); partials are merged serially in a fixed
+// order, so results are the same for any thread count.
+//
+// Vectorization: the kernels use GCC vector types of 64 bytes (16 floats / 8 doubles) in
+// always-inline functions. Each pass has two instantiations: one with the AVX-512 target attribute
+// (the vectors become single zmm instructions) and a baseline one (lowered to SSE2), chosen at run
+// time; FASTXMC_CPU_NO_AVX512=1 forces the baseline one (to test it on AVX-512 machines).
+#include "modulated_bn.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define MBN_X86 1
+#else
+#define MBN_X86 0
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+// 64-byte vector arguments "changed ABI in GCC 4.6": every such helper here is inlined.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#define MBN_INLINE inline __attribute__((always_inline))
+#define MBN_AVX512_FN __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+
+namespace fastxmc {
+namespace {
+
+// Values per float32 accumulator block before flushing into float64 (NCHW planes), and pixel rows
+// per block (NHWC): each lane then sums at most 64 values in float32.
+constexpr int64_t kFlushValues = 1024;
+constexpr int64_t kFlushRows = 64;
+// Work items per parallel chunk: at least this many values, so tiny problems stay on one thread.
+constexpr int64_t kGrainValues = 32768;
+// NHWC reductions: about this many work items in all (partials: items x 2 x Cp doubles).
+constexpr int64_t kTargetItems = 256;
+
+// ---------------------------------------------------------------------------------------------
+// Vector helpers (always inline: they take the target of the pass that inlines them).
+// ---------------------------------------------------------------------------------------------
+template <class A>
+struct Pack;
+template <>
+struct Pack<float> {
+  static constexpr int L = 16;
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t M __attribute__((vector_size(64)));
+  typedef uint8_t U8 __attribute__((vector_size(16)));
+  typedef uint16_t U16 __attribute__((vector_size(32)));
+  typedef uint32_t U32 __attribute__((vector_size(64)));
+};
+template <>
+struct Pack<double> {
+  static constexpr int L = 8;
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t M __attribute__((vector_size(64)));
+  typedef uint8_t U8 __attribute__((vector_size(8)));
+};
+template <class A>
+using Vec = typename Pack<A>::V;
+template <class A>
+using Lanes = typename Pack<A>::M;
+template <class A>
+constexpr int kL = Pack<A>::L;
+
+// L values of storage type T at p, as Acc lanes.
+template <class A, class T>
+MBN_INLINE Vec<A> load(const T* p) {
+  Vec<A> v;
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(&v, p, sizeof v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // bfloat16 is the top half of a float32: widen the bits and shift.
+    typename Pack<float>::U16 h;
+    std::memcpy(&h, p, sizeof h);
+    const typename Pack<float>::U32 w = __builtin_convertvector(h, typename Pack<float>::U32) << 16;
+    std::memcpy(&v, &w, sizeof v);
+  } else {
+    A t[kL<A>];
+    for (int j = 0; j < kL<A>; ++j) t[j] = static_cast<A>(p[j]);
+    std::memcpy(&v, t, sizeof v);
+  }
+  return v;
+}
+
+template <class A, class T>
+MBN_INLINE void store(T* p, Vec<A> v) {
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    A t[kL<A>];
+    std::memcpy(t, &v, sizeof v);
+    for (int j = 0; j < kL<A>; ++j) p[j] = static_cast<T>(t[j]);  // c10: round to nearest even
+  }
+}
+
+// The first n < L values at p; the other lanes read 0.
+template <class A, class T>
+MBN_INLINE Vec<A> load_n(const T* p, int64_t n) {
+  T t[kL<A>];
+  for (int j = 0; j < kL<A>; ++j) t[j] = j < n ? p[j] : static_cast<T>(0.0f);
+  return load<A>(t);
+}
+
+template <class A, class T>
+MBN_INLINE void store_n(T* p, Vec<A> v, int64_t n) {
+  T t[kL<A>];
+  store<A>(t, v);
+  for (int64_t j = 0; j < n; ++j) p[j] = t[j];
+}
+
+template <class A>
+MBN_INLINE Vec<A> splat(A x) {
+  return Vec<A>{} + x;
+}
+
+// Lanes j < n all ones, the others zero.
+template <class A>
+MBN_INLINE Lanes<A> first_lanes(int64_t n) {
+  Lanes<A> m;
+  for (int j = 0; j < kL<A>; ++j) m[j] = j < n ? -1 : 0;
+  return m;
+}
+
+// The ReLU mask (0 / 1) of L values, as Acc lanes.
+template <class A>
+MBN_INLINE Vec<A> load_mask(const uint8_t* p) {
+  typename Pack<A>::U8 m;
+  std::memcpy(&m, p, sizeof m);
+  return __builtin_convertvector(m, Vec<A>);
+}
+
+template <class A>
+MBN_INLINE Vec<A> load_mask_n(const uint8_t* p, int64_t n) {
+  uint8_t t[kL<A>] = {};
+  for (int64_t j = 0; j < n; ++j) t[j] = p[j];
+  return load_mask<A>(t);
+}
+
+template <class A>
+MBN_INLINE typename Pack<A>::U8 positive(Vec<A> y) {
+  return __builtin_convertvector((y > Vec<A>{}) & 1, typename Pack<A>::U8);
+}
+
+template <class A>
+MBN_INLINE void store_mask_n(uint8_t* p, Vec<A> y, int64_t n) {
+  const typename Pack<A>::U8 m = positive<A>(y);
+  std::memcpy(p, &m, static_cast<size_t>(n));
+}
+
+// max(y, 0) that keeps NaN (as torch.relu does).
+template <class A>
+MBN_INLINE Vec<A> relu(Vec<A> y) {
+  return y < Vec<A>{} ? Vec<A>{} : y;
+}
+
+template <class A>
+MBN_INLINE double hsum(Vec<A> v) {
+  double s = 0;
+  for (int j = 0; j < kL<A>; ++j) s += v[j];
+  return s;
+}
+
+// A per-channel parameter at in-run offset i: broadcast p[0] (NCHW run) or the lanes p[i..]
+// (NHWC row, p padded to Cp).
+template <bool kVec, class A>
+MBN_INLINE Vec<A> param(const A* p, int64_t i) {
+  if constexpr (kVec) {
+    return load<A>(p + i);
+  } else {
+    return splat<A>(p[0]);
+  }
+}
+
+// The accumulator of in-run offset i: one per run (NCHW) or one per channel vector (NHWC).
+template <bool kVec, class A>
+MBN_INLINE Vec<A>& slot(Vec<A>* acc, int64_t i) {
+  return kVec ? acc[i / kL<A>] : acc[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs: n contiguous values (a plane part, or one pixel row).
+// ---------------------------------------------------------------------------------------------
+
+// Forward statistics: s += d, q += d * d with d = x - shift.
+template <bool kVec, class A, class T>
+MBN_INLINE void stats_run(const T* x, int64_t n, const A* shift, Vec<A>* s, Vec<A>* q) {
+  constexpr int L = kL<A>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const Vec<A> d = load<A>(x + i) - param<kVec>(shift, i);
+    slot<kVec, A>(s, i) += d;
+    slot<kVec, A>(q, i) += d * d;
+  }
+  if (i < n) {
+    const Vec<A> d = first_lanes<A>(n - i) ? load_n<A>(x + i, n - i) - param<kVec>(shift, i)
+                                           : Vec<A>{};
+    slot<kVec, A>(s, i) += d;
+    slot<kVec, A>(q, i) += d * d;
+  }
+}
+
+// Normalize-modulate with per-pixel gamma / beta: y = (x - mean) * invstd * (1 + g) + b.
+template <bool kVec, bool kRelu, class A, class T>
+MBN_INLINE Vec<A> norm_pixel(const T* x, const T* g, const T* b, int64_t i, int64_t n,
+                             const A* mean, const A* invstd, bool full) {
+  const Vec<A> xv = full ? load<A>(x) : load_n<A>(x, n);
+  const Vec<A> gv = full ? load<A>(g) : load_n<A>(g, n);
+  const Vec<A> bv = full ? load<A>(b) : load_n<A>(b, n);
+  const Vec<A> y = (xv - param<kVec>(mean, i)) * param<kVec>(invstd, i) * (1 + gv) + bv;
+  return kRelu ? relu<A>(y) : y;
+}
+
+template <bool kVec, bool kRelu, class A, class T>
+MBN_INLINE void norm_run_pixel(const T* x, const T* g, const T* b, T* y, uint8_t* mask, int64_t n,
+                               const A* mean, const A* invstd) {
+  constexpr int L = kL<A>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const Vec<A> v = norm_pixel<kVec, kRelu>(x + i, g + i, b + i, i, L, mean, invstd, true);
+    store<A>(y + i, v);
+    if constexpr (kRelu) store_mask_n<A>(mask + i, v, L);
+  }
+  if (i < n) {
+    const Vec<A> v = norm_pixel<kVec, kRelu>(x + i, g + i, b + i, i, n - i, mean, invstd, false);
+    store_n<A>(y + i, v, n - i);
+    if constexpr (kRelu) store_mask_n<A>(mask + i, v, n - i);
+  }
+}
+
+// Normalize-modulate with per-channel gamma / beta folded into scale = invstd * (1 + gamma) and
+// beta: y = (x - mean) * scale + beta.
+template <bool kVec, bool kRelu, class A, class T>
+MBN_INLINE void norm_run_channel(const T* x, T* y, uint8_t* mask, int64_t n, const A* mean,
+                                 const A* scale, const A* beta) {
+  constexpr int L = kL<A>;
+  int64_t i = 0;
+  for (; i < n; i += L) {
+    const bool full = i + L <= n;
+    const Vec<A> xv = full ? load<A>(x + i) : load_n<A>(x + i, n - i);
+    Vec<A> v = (xv - param<kVec>(mean, i)) * param<kVec>(scale, i) + param<kVec>(beta, i);
+    if constexpr (kRelu) v = relu<A>(v);
+    if (full) {
+      store<A>(y + i, v);
+    } else {
+      store_n<A>(y + i, v, n - i);
+    }
+    if constexpr (kRelu) store_mask_n<A>(mask + i, v, full ? L : n - i);
+  }
+}
+
+// dym = dy * mask (ReLU) or dy, for lanes [i, i + L) of a run (the first m lanes when partial).
+template <bool kRelu, class A, class T>
+MBN_INLINE Vec<A> masked_grad(const T* dy, const uint8_t* mask, int64_t m, bool full) {
+  const Vec<A> d = full ? load<A>(dy) : load_n<A>(dy, m);
+  if constexpr (kRelu) return d * (full ? load_mask<A>(mask) : load_mask_n<A>(mask, m));
+  return d;
+}
+
+// Backward reduction: s += dym * w, q += dym * w * x_hat, w = 1 + g (kPixel) or 1. Lanes past n
+// read dy = 0, so they add nothing.
+template <bool kVec, bool kPixel, bool kRelu, class A, class T>
+MBN_INLINE void bwd_sums_run(const T* dy, const T* x, const T* g, const uint8_t* mask, int64_t n,
+                             const A* mean, const A* invstd, Vec<A>* s, Vec<A>* q) {
+  constexpr int L = kL<A>;
+  for (int64_t i = 0; i < n; i += L) {
+    const bool full = i + L <= n;
+    const int64_t m = full ? L : n - i;
+    Vec<A> t = masked_grad<kRelu, A>(dy + i, kRelu ? mask + i : nullptr, m, full);
+    if constexpr (kPixel) t *= 1 + (full ? load<A>(g + i) : load_n<A>(g + i, m));
+    const Vec<A> xv = full ? load<A>(x + i) : load_n<A>(x + i, m);
+    const Vec<A> xh = (xv - param<kVec>(mean, i)) * param<kVec>(invstd, i);
+    slot<kVec, A>(s, i) += t;
+    slot<kVec, A>(q, i) += t * xh;
+  }
+}
+
+// Backward element-wise pass, per-pixel gamma: dx = invstd * dym * (1 + g) - k1 - x_hat * k2,
+// dgamma = dym * x_hat, dbeta = dym.
+template <bool kVec, bool kRelu, bool kDx, bool kDmod, class A, class T>
+MBN_INLINE void bwd_elem_run_pixel(const T* dy, const T* x, const T* g, const uint8_t* mask, T* dx,
+                                   T* dg, T* db, int64_t n, const A* mean, const A* invstd,
+                                   const A* k1, const A* k2) {
+  constexpr int L = kL<A>;
+  for (int64_t i = 0; i < n; i += L) {
+    const bool full = i + L <= n;
+    const int64_t m = full ? L : n - i;
+    const Vec<A> t = masked_grad<kRelu, A>(dy + i, kRelu ? mask + i : nullptr, m, full);
+    const Vec<A> xv = full ? load<A>(x + i) : load_n<A>(x + i, m);
+    const Vec<A> is = param<kVec>(invstd, i);
+    const Vec<A> xh = (xv - param<kVec>(mean, i)) * is;
+    if constexpr (kDx) {
+      const Vec<A> gv = full ? load<A>(g + i) : load_n<A>(g + i, m);
+      const Vec<A> d = is * (t * (1 + gv)) - param<kVec>(k1, i) - xh * param<kVec>(k2, i);
+      if (full) store<A>(dx + i, d); else store_n<A>(dx + i, d, m);
+    }
+    if constexpr (kDmod) {
+      if (full) {
+        store<A>(dg + i, t * xh);
+        store<A>(db + i, t);
+      } else {
+        store_n<A>(dg + i, t * xh, m);
+        store_n<A>(db + i, t, m);
+      }
+    }
+  }
+}
+
+// Backward element-wise pass, per-channel gamma: dx = dym * c1 - k1 - (x - mean) * c2 with
+// c1 = invstd * (1 + gamma), c2 = invstd * k2.
+template <bool kVec, bool kRelu, class A, class T>
+MBN_INLINE void bwd_elem_run_channel(const T* dy, const T* x, const uint8_t* mask, T* dx,
+                                     int64_t n, const A* mean, const A* c1, const A* k1,
+                                     const A* c2) {
+  constexpr int L = kL<A>;
+  for (int64_t i = 0; i < n; i += L) {
+    const bool full = i + L <= n;
+    const int64_t m = full ? L : n - i;
+    const Vec<A> t = masked_grad<kRelu, A>(dy + i, kRelu ? mask + i : nullptr, m, full);
+    const Vec<A> xv = full ? load<A>(x + i) : load_n<A>(x + i, m);
+    const Vec<A> d = t * param<kVec>(c1, i) - param<kVec>(k1, i) -
+                     (xv - param<kVec>(mean, i)) * param<kVec>(c2, i);
+    if (full) store<A>(dx + i, d); else store_n<A>(dx + i, d, m);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work items. A pass object `op` has run<kVec>(offset, n, b, c): the run of n values at element
+// offset `offset`, of batch b, whose parameters start at channel c (NCHW: its channel; NHWC: 0).
+// ---------------------------------------------------------------------------------------------
+struct Geometry {
+  int64_t B, C, HW, Cp;  // Cp: C rounded up to whole vectors
+  bool cl;               // channels_last (NHWC) storage
+  int64_t rows_per_item;  // NHWC reductions: pixel rows per work item (within one image)
+  int64_t items_per_image;
+
+  int64_t count() const { return B * HW; }
+  int64_t reduce_items() const { return cl ? B * items_per_image : B * C; }
+  int64_t elem_items() const { return cl ? B * HW : B * C; }
+  int64_t values_per_elem_item() const { return cl ? C : HW; }
+  int64_t values_per_reduce_item() const { return cl ? rows_per_item * C : HW; }
+};
+
+// Reduction items [i0, i1) -> partials. NCHW: part[item][2] (item = b * C + c). NHWC:
+// part[item][2][Cp] (item = b * items_per_image + j: rows [j R, (j + 1) R) of image b).
+template <class A, class Op>
+MBN_INLINE void reduce_items_body(const Op& op, const Geometry& g, int64_t i0, int64_t i1,
+                                  double* part) {
+  constexpr int L = kL<A>;
+  if (!g.cl) {
+    for (int64_t p = i0; p < i1; ++p) {
+      double s = 0, q = 0;
+      for (int64_t o = 0; o < g.HW; o += kFlushValues) {
+        Vec<A> vs{}, vq{};
+        op.template run<false>(p * g.HW + o, std::min(kFlushValues, g.HW - o), p / g.C, p % g.C,
+                               &vs, &vq);
+        s += hsum<A>(vs);
+        q += hsum<A>(vq);
+      }
+      part[2 * p] = s;
+      part[2 * p + 1] = q;
+    }
+    return;
+  }
+  const int64_t nv = g.Cp / L;
+  // 2 * nv accumulator vectors, 64-byte aligned by hand (a std::vector of GCC vector types does
+  // not get the vector's alignment).
+  std::vector<A> storage(static_cast<size_t>(2 * g.Cp + L));
+  const auto addr = reinterpret_cast<uintptr_t>(storage.data());
+  Vec<A>* acc = reinterpret_cast<Vec<A>*>((addr + sizeof(Vec<A>) - 1) / sizeof(Vec<A>) * sizeof(Vec<A>));
+  for (int64_t it = i0; it < i1; ++it) {
+    const int64_t b = it / g.items_per_image;
+    const int64_t r0 = (it % g.items_per_image) * g.rows_per_item;
+    const int64_t r1 = std::min(g.HW, r0 + g.rows_per_item);
+    double* ds = part + it * 2 * g.Cp;
+    std::fill(ds, ds + 2 * g.Cp, 0.0);
+    for (int64_t r = r0; r < r1; r += kFlushRows) {
+      for (int64_t k = 0; k < 2 * nv; ++k) acc[k] = Vec<A>{};
+      for (int64_t rr = r; rr < std::min(r1, r + kFlushRows); ++rr) {
+        op.template run<true>((b * g.HW + rr) * g.C, g.C, b, 0, acc, acc + nv);
+      }
+      for (int64_t k = 0; k < nv; ++k) {
+        for (int j = 0; j < L; ++j) {
+          ds[k * L + j] += acc[k][j];
+          ds[g.Cp + k * L + j] += acc[nv + k][j];
+        }
+      }
+    }
+  }
+}
+
+// Element-wise items [i0, i1): NCHW planes (b * C + c) or NHWC pixel rows (b * HW + r).
+template <class Op>
+MBN_INLINE void elem_items_body(const Op& op, const Geometry& g, int64_t i0, int64_t i1) {
+  for (int64_t it = i0; it < i1; ++it) {
+    if (g.cl) {
+      op.template run<true>(it * g.C, g.C, it / g.HW, 0);
+    } else {
+      op.template run<false>(it * g.HW, g.HW, it / g.C, it % g.C);
+    }
+  }
+}
+
+bool use_avx512() {
+#if MBN_X86
+  static const bool yes = [] {
+    const char* off = std::getenv("FASTXMC_CPU_NO_AVX512");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           !(off != nullptr && off[0] != '\0' && off[0] != '0');
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// The two instantiations of each pass: AVX-512 and baseline.
+#if MBN_X86
+template <class A, class Op>
+MBN_AVX512_FN void reduce_items_avx512(const Op& op, const Geometry& g, int64_t i0, int64_t i1,
+                                       double* part) {
+  reduce_items_body<A>(op, g, i0, i1, part);
+}
+template <class Op>
+MBN_AVX512_FN void elem_items_avx512(const Op& op, const Geometry& g, int64_t i0, int64_t i1) {
+  elem_items_body(op, g, i0, i1);
+}
+#endif
+
+template <class A, class Op>
+void reduce_items_baseline(const Op& op, const Geometry& g, int64_t i0, int64_t i1, double* part) {
+  reduce_items_body<A>(op, g, i0, i1, part);
+}
+template <class Op>
+void elem_items_baseline(const Op& op, const Geometry& g, int64_t i0, int64_t i1) {
+  elem_items_body(op, g, i0, i1);
+}
+
+int64_t grain(int64_t values_per_item) {
+  return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, values_per_item));
+}
+
+// Runs every reduction item (in parallel) and merges the partials into sums[b][c][2], in order.
+template <class A, class Op>
+std::vector<double> reduce(const Op& op, const Geometry& g) {
+  const int64_t items = g.reduce_items();
+  std::vector<double> part(static_cast<size_t>(items * 2 * (g.cl ? g.Cp : 1)));
+  at::parallel_for(0, items, grain(g.values_per_reduce_item()), [&](int64_t i0, int64_t i1) {
+#if MBN_X86
+    if (use_avx512()) return reduce_items_avx512<A>(op, g, i0, i1, part.data());
+#endif
+    reduce_items_baseline<A>(op, g, i0, i1, part.data());
+  });
+  if (!g.cl) return part;
+  std::vector<double> sums(static_cast<size_t>(g.B * g.C * 2), 0.0);
+  for (int64_t b = 0; b < g.B; ++b) {
+    for (int64_t j = 0; j < g.items_per_image; ++j) {
+      const double* p = part.data() + (b * g.items_per_image + j) * 2 * g.Cp;
+      for (int64_t c = 0; c < g.C; ++c) {
+        sums[(b * g.C + c) * 2] += p[c];
+        sums[(b * g.C + c) * 2 + 1] += p[g.Cp + c];
+      }
+    }
+  }
+  return sums;
+}
+
+template <class Op>
+void elementwise(const Op& op, const Geometry& g) {
+  at::parallel_for(0, g.elem_items(), grain(g.values_per_elem_item()), [&](int64_t i0, int64_t i1) {
+#if MBN_X86
+    if (use_avx512()) return elem_items_avx512(op, g, i0, i1);
+#endif
+    elem_items_baseline(op, g, i0, i1);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass objects.
+// ---------------------------------------------------------------------------------------------
+template <class A, class T>
+struct StatsOp {
+  const T* x;
+  const A* shift;  // (Cp)
+  template <bool kVec>
+  MBN_INLINE void run(int64_t off, int64_t n, int64_t, int64_t c, Vec<A>* s, Vec<A>* q) const {
+    stats_run<kVec, A>(x + off, n, shift + c, s, q);
+  }
+};
+
+template <class A, class T, bool kRelu>
+struct NormPixelOp {
+  const T* x; const T* g; const T* b; T* y; uint8_t* mask;
+  const A* mean; const A* invstd;  // (Cp)
+  template <bool kVec>
+  MBN_INLINE void run(int64_t off, int64_t n, int64_t, int64_t c) const {
+    norm_run_pixel<kVec, kRelu, A>(x + off, g + off, b + off, y + off, kRelu ? mask + off : nullptr,
+                                   n, mean + c, invstd + c);
+  }
+};
+
+template <class A, class T, bool kRelu>
+struct NormChannelOp {
+  const T* x; T* y; uint8_t* mask;
+  const A* mean;                   // (Cp)
+  const A* scale; const A* beta;   // (B, Cp)
+  int64_t Cp;
+  template <bool kVec>
+  MBN_INLINE void run(int64_t off, int64_t n, int64_t b, int64_t c) const {
+    norm_run_channel<kVec, kRelu, A>(x + off, y + off, kRelu ? mask + off : nullptr, n, mean + c,
+                                     scale + b * Cp + c, beta + b * Cp + c);
+  }
+};
+
+template <class A, class T, bool kPixel, bool kRelu>
+struct BwdSumsOp {
+  const T* dy; const T* x; const T* g; const uint8_t* mask;
+  const A* mean; const A* invstd;  // (Cp)
+  template <bool kVec>
+  MBN_INLINE void run(int64_t off, int64_t n, int64_t, int64_t c, Vec<A>* s, Vec<A>* q) const {
+    bwd_sums_run<kVec, kPixel, kRelu, A>(dy + off, x + off, kPixel ? g + off : nullptr,
+                                         kRelu ? mask + off : nullptr, n, mean + c, invstd + c, s,
+                                         q);
+  }
+};
+
+template <class A, class T, bool kRelu, bool kDx, bool kDmod>
+struct BwdPixelOp {
+  const T* dy; const T* x; const T* g; const uint8_t* mask; T* dx; T* dg; T* db;
+  const A* mean; const A* invstd; const A* k1; const A* k2;  // (Cp)
+  template <bool kVec>
+  MBN_INLINE void run(int64_t off, int64_t n, int64_t, int64_t c) const {
+    bwd_elem_run_pixel<kVec, kRelu, kDx, kDmod, A>(
+        dy + off, x + off, g + off, kRelu ? mask + off : nullptr, kDx ? dx + off : nullptr,
+        kDmod ? dg + off : nullptr, kDmod ? db + off : nullptr, n, mean + c, invstd + c, k1 + c,
+        k2 + c);
+  }
+};
+
+template <class A, class T, bool kRelu>
+struct BwdChannelOp {
+  const T* dy; const T* x; const uint8_t* mask; T* dx;
+  const A* mean; const A* k1; const A* c2;  // (Cp)
+  const A* c1;                              // (B, Cp)
+  int64_t Cp;
+  template <bool kVec>
+  MBN_INLINE void run(int64_t off, int64_t n, int64_t b, int64_t c) const {
+    bwd_elem_run_channel<kVec, kRelu, A>(dy + off, x + off, kRelu ? mask + off : nullptr, dx + off,
+                                         n, mean + c, c1 + b * Cp + c, k1 + c, c2 + c);
+  }
+};
+
+// Calls f(std::bool_constant<v>{}): turns a run-time flag into a template argument.
+template <class F>
+void with_flag(bool v, F&& f) {
+  if (v) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drivers.
+// ---------------------------------------------------------------------------------------------
+Geometry make_geometry(const at::Tensor& x, int64_t lanes) {
+  Geometry g;
+  g.B = x.size(0);
+  g.C = x.size(1);
+  g.HW = x.size(2) * x.size(3);
+  g.Cp = (g.C + lanes - 1) / lanes * lanes;
+  g.cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // NHWC reductions: about kTargetItems items, each of at least kGrainValues values when possible.
+  const int64_t per_image = std::max<int64_t>(1, (kTargetItems + g.B - 1) / std::max<int64_t>(1, g.B));
+  int64_t rows = std::max<int64_t>(1, (g.HW + per_image - 1) / per_image);
+  rows = std::max(rows, kGrainValues / std::max<int64_t>(1, g.C));
+  g.rows_per_item = std::max<int64_t>(1, std::min(rows, g.HW));
+  g.items_per_image = (g.HW + g.rows_per_item - 1) / g.rows_per_item;
+  return g;
+}
+
+template <class A>
+std::vector<A> padded(const Geometry& g, int64_t rows = 1) {
+  return std::vector<A>(static_cast<size_t>(rows * g.Cp), A(0));
+}
+
+// mean (C,), invstd (C,), var (C,) from the per (b, c) shifted sums of the statistics pass.
+template <class A>
+void finalize_stats(const Geometry& g, const std::vector<double>& sums, const std::vector<A>& shift,
+                    double eps, std::vector<A>& mean, std::vector<A>& invstd, A* var) {
+  const double n = static_cast<double>(g.count());
+  for (int64_t c = 0; c < g.C; ++c) {
+    double s = 0, q = 0;
+    for (int64_t b = 0; b < g.B; ++b) {
+      s += sums[(b * g.C + c) * 2];
+      q += sums[(b * g.C + c) * 2 + 1];
+    }
+    const double dm = s / n;
+    const double biased = std::max(q / n - dm * dm, 0.0);
+    mean[c] = static_cast<A>(shift[c] + dm);
+    invstd[c] = static_cast<A>(1.0 / std::sqrt(biased + eps));
+    var[c] = static_cast<A>(biased * n / (n - 1));
+  }
+}
+
+template <class T, class A>
+void forward_impl(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                  const at::Tensor& rm, const at::Tensor& rv, bool training, double eps, bool relu,
+                  at::Tensor& y, at::Tensor& mean_out, at::Tensor& invstd_out, at::Tensor& var_out,
+                  at::Tensor& mask) {
+  const Geometry g = make_geometry(x, kL<A>);
+  const T* xp = x.data_ptr<T>();
+  std::vector<A> mean = padded<A>(g), invstd = padded<A>(g);
+  if (training) {
+    std::vector<A> shift = padded<A>(g);  // the channel's first value (b = 0, pixel 0)
+    for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<A>(xp[g.cl ? c : c * g.HW]);
+    const auto sums = reduce<A>(StatsOp<A, T>{xp, shift.data()}, g);
+    finalize_stats<A>(g, sums, shift, eps, mean, invstd, var_out.data_ptr<A>());
+  } else {
+    const at::Tensor m = rm.to(at::kDouble).contiguous(), v = rv.to(at::kDouble).contiguous();
+    for (int64_t c = 0; c < g.C; ++c) {
+      mean[c] = static_cast<A>(m.data_ptr<double>()[c]);
+      invstd[c] = static_cast<A>(1.0 / std::sqrt(v.data_ptr<double>()[c] + eps));
+    }
+  }
+  std::copy(mean.begin(), mean.begin() + g.C, mean_out.data_ptr<A>());
+  std::copy(invstd.begin(), invstd.begin() + g.C, invstd_out.data_ptr<A>());
+
+  uint8_t* mp = relu ? mask.data_ptr<uint8_t>() : nullptr;
+  if (gamma.dim() == 4) {
+    with_flag(relu, [&](auto kRelu) {
+      elementwise(NormPixelOp<A, T, std::decay_t<decltype(kRelu)>::value>{
+                      xp, gamma.data_ptr<T>(), beta.data_ptr<T>(), y.data_ptr<T>(), mp,
+                      mean.data(), invstd.data()}, g);
+    });
+    return;
+  }
+  // Per channel: scale[b, c] = invstd[c] * (1 + gamma[b, c]), and beta, as (B, Cp) Acc arrays.
+  std::vector<A> scale = padded<A>(g, g.B), shifted = padded<A>(g, g.B);
+  const T* gp = gamma.data_ptr<T>();
+  const T* bp = beta.data_ptr<T>();
+  for (int64_t b = 0; b < g.B; ++b) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      scale[b * g.Cp + c] = static_cast<A>(invstd[c] * (1 + static_cast<A>(gp[b * g.C + c])));
+      shifted[b * g.Cp + c] = static_cast<A>(bp[b * g.C + c]);
+    }
+  }
+  with_flag(relu, [&](auto kRelu) {
+    elementwise(NormChannelOp<A, T, std::decay_t<decltype(kRelu)>::value>{
+                    xp, y.data_ptr<T>(), mp, mean.data(), scale.data(), shifted.data(), g.Cp}, g);
+  });
+}
+
+// The coefficients of dx from the backward sums: k1 = invstd * mean_c(dx_hat),
+// k2 = invstd * mean_c(dx_hat * x_hat) (training; zero in eval).
+template <class A, class T>
+void dx_coefficients(const Geometry& g, const std::vector<double>& sums, const T* gamma,
+                     bool pixel, const std::vector<A>& invstd, std::vector<A>& k1,
+                     std::vector<A>& k2) {
+  const double n = static_cast<double>(g.count());
+  for (int64_t c = 0; c < g.C; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int64_t b = 0; b < g.B; ++b) {
+      // Per channel, dx_hat = dym * (1 + gamma[b, c]) and the sums hold dym alone.
+      const double w = pixel ? 1.0 : 1.0 + static_cast<double>(gamma[b * g.C + c]);
+      s1 += w * sums[(b * g.C + c) * 2];
+      s2 += w * sums[(b * g.C + c) * 2 + 1];
+    }
+    k1[c] = static_cast<A>(invstd[c] * s1 / n);
+    k2[c] = static_cast<A>(invstd[c] * s2 / n);
+  }
+}
+
+template <class T, class A>
+void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gamma,
+                   const at::Tensor& mean_in, const at::Tensor& invstd_in, const at::Tensor& mask,
+                   bool training, bool relu, bool need_dx, bool need_dmod, at::Tensor& dx,
+                   at::Tensor& dgamma, at::Tensor& dbeta) {
+  const Geometry g = make_geometry(x, kL<A>);
+  const bool pixel = gamma.dim() == 4;
+  const T *dyp = dy.data_ptr<T>(), *xp = x.data_ptr<T>(), *gp = gamma.data_ptr<T>();
+  const uint8_t* mp = relu ? mask.data_ptr<uint8_t>() : nullptr;
+  std::vector<A> mean = padded<A>(g), invstd = padded<A>(g), k1 = padded<A>(g), k2 = padded<A>(g);
+  std::copy_n(mean_in.data_ptr<A>(), g.C, mean.begin());
+  std::copy_n(invstd_in.data_ptr<A>(), g.C, invstd.begin());
+
+  std::vector<double> sums;
+  if ((training && need_dx) || (!pixel && need_dmod)) {
+    with_flag(pixel, [&](auto kPixel) {
+      with_flag(relu, [&](auto kRelu) {
+        sums = reduce<A>(BwdSumsOp<A, T, std::decay_t<decltype(kPixel)>::value, std::decay_t<decltype(kRelu)>::value>{
+                             dyp, xp, gp, mp, mean.data(), invstd.data()}, g);
+      });
+    });
+    if (training && need_dx) dx_coefficients<A>(g, sums, gp, pixel, invstd, k1, k2);
+  }
+  if (pixel) {
+    if (!need_dx && !need_dmod) return;
+    T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
+    T* dgp = need_dmod ? dgamma.data_ptr<T>() : nullptr;
+    T* dbp = need_dmod ? dbeta.data_ptr<T>() : nullptr;
+    with_flag(relu, [&](auto kRelu) {
+      with_flag(need_dx, [&](auto kDx) {
+        with_flag(need_dmod, [&](auto kDmod) {
+          if constexpr (std::decay_t<decltype(kDx)>::value || std::decay_t<decltype(kDmod)>::value) {
+            elementwise(BwdPixelOp<A, T, std::decay_t<decltype(kRelu)>::value, std::decay_t<decltype(kDx)>::value,
+                                   std::decay_t<decltype(kDmod)>::value>{
+                            dyp, xp, gp, mp, dxp, dgp, dbp, mean.data(), invstd.data(),
+                            k1.data(), k2.data()}, g);
+          }
+        });
+      });
+    });
+    return;
+  }
+  if (need_dmod) {  // per channel: dbeta[b, c] = sum dym, dgamma[b, c] = sum dym * x_hat
+    T* dgp = dgamma.data_ptr<T>();
+    T* dbp = dbeta.data_ptr<T>();
+    for (int64_t i = 0; i < g.B * g.C; ++i) {
+      dbp[i] = static_cast<T>(sums[2 * i]);
+      dgp[i] = static_cast<T>(sums[2 * i + 1]);
+    }
+  }
+  if (!need_dx) return;
+  std::vector<A> c1 = padded<A>(g, g.B), c2 = padded<A>(g);
+  for (int64_t c = 0; c < g.C; ++c) c2[c] = invstd[c] * k2[c];
+  for (int64_t b = 0; b < g.B; ++b) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      c1[b * g.Cp + c] = static_cast<A>(invstd[c] * (1 + static_cast<A>(gp[b * g.C + c])));
+    }
+  }
+  with_flag(relu, [&](auto kRelu) {
+    elementwise(BwdChannelOp<A, T, std::decay_t<decltype(kRelu)>::value>{
+                    dyp, xp, mp, dx.data_ptr<T>(), mean.data(), k1.data(), c2.data(), c1.data(),
+                    g.Cp}, g);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks.
+// ---------------------------------------------------------------------------------------------
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::MemoryFormat layout_of(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+void check_x(const char* fn, const at::Tensor& x) {
+  TORCH_CHECK(x.defined() && x.device().is_cpu(), fn, ": x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 4, fn, ": x must have shape (B, C, H, W), got ", x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, fn,
+              ": x must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), fn,
+              ": x must be contiguous or channels_last (dense), got strides ", x.strides());
+}
+
+// gamma / beta / grad_y-like tensors: x's dtype and device; (B, C) contiguous or x's shape in x's
+// memory format.
+void check_like_x(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& x,
+                  bool allow_per_channel) {
+  TORCH_CHECK(t.defined() && t.device() == x.device(), fn, ": ", name, " must be on ", x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), fn, ": ", name, " must be ", x.scalar_type(),
+              ", got ", t.scalar_type());
+  if (allow_per_channel && t.dim() == 2) {
+    TORCH_CHECK(t.size(0) == x.size(0) && t.size(1) == x.size(1) && t.is_contiguous(), fn, ": ",
+                name, " per channel must be a contiguous (B, C) = (", x.size(0), ", ", x.size(1),
+                ") tensor, got ", t.sizes());
+    return;
+  }
+  TORCH_CHECK(t.sizes() == x.sizes(), fn, ": ", name, " must have x's shape ", x.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(layout_of(x)), fn, ": ", name,
+              " must have x's memory format, got strides ", t.strides(), " for x's ",
+              x.strides());
+}
+
+void check_channel_vector(const char* fn, const char* name, const at::Tensor& t, int64_t C,
+                          std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, fn, ": ", name, " must have shape (", C, "), got ",
+              t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name, " must be floating point");
+  if (dtype) {
+    TORCH_CHECK(t.scalar_type() == *dtype && t.is_contiguous(), fn, ": ", name,
+                " must be a contiguous ", *dtype, " tensor, got ", t.scalar_type());
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> modulated_bn_forward_cpu(
+    const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool training, double eps, bool relu) {
+  const char* fn = "modulated_bn_forward_cpu";
+  check_x(fn, x);
+  check_like_x(fn, "gamma", gamma, x, true);
+  check_like_x(fn, "beta", beta, x, true);
+  TORCH_CHECK(gamma.sizes() == beta.sizes(), fn, ": gamma and beta must have one shape");
+  TORCH_CHECK(eps > 0, fn, ": eps must be positive, got ", eps);
+  const int64_t C = x.size(1);
+  if (training) {
+    TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1, fn,
+                ": training needs more than one value per channel, got x ", x.sizes());
+  } else {
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value(), fn,
+                ": eval mode (training=False) needs running_mean and running_var");
+    check_channel_vector(fn, "running_mean", *running_mean, C, std::nullopt);
+    check_channel_vector(fn, "running_var", *running_var, C, std::nullopt);
+  }
+  const auto acc = x.options().dtype(acc_dtype(x.scalar_type()));
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({C}, acc), invstd = at::empty({C}, acc);
+  at::Tensor var = at::empty({training ? C : 0}, acc);
+  at::Tensor mask = relu ? at::empty_like(x, x.options().dtype(at::kByte)) : at::empty({0}, x.options().dtype(at::kByte));
+  const at::Tensor rm = training ? at::Tensor() : *running_mean;
+  const at::Tensor rv = training ? at::Tensor() : *running_var;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modulated_bn_forward_cpu", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_impl<scalar_t, A>(x, gamma, beta, rm, rv, training, eps, relu, y, mean, invstd, var,
+                              mask);
+  });
+  return {y, mean, invstd, var, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_bn_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& mask, bool training, bool relu, bool need_dx,
+    bool need_dmod) {
+  const char* fn = "modulated_bn_backward_cpu";
+  check_x(fn, x);
+  check_like_x(fn, "grad_y", grad_y, x, false);
+  check_like_x(fn, "gamma", gamma, x, true);
+  const int64_t C = x.size(1);
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  check_channel_vector(fn, "mean", mean, C, acc);
+  check_channel_vector(fn, "invstd", invstd, C, acc);
+  if (relu) {
+    TORCH_CHECK(mask.scalar_type() == at::kByte && mask.sizes() == x.sizes() &&
+                    mask.strides() == x.strides(), fn,
+                ": mask must be a uint8 tensor with x's shape and strides");
+  }
+  if (training && need_dx) {
+    TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1, fn,
+                ": training needs more than one value per channel, got x ", x.sizes());
+  }
+  const at::Tensor empty = at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? at::empty_like(x) : empty;
+  at::Tensor dgamma = need_dmod ? at::empty_like(gamma) : empty;
+  at::Tensor dbeta = need_dmod ? at::empty_like(gamma) : empty;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modulated_bn_backward_cpu", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_impl<scalar_t, A>(grad_y, x, gamma, mean, invstd, mask, training, relu, need_dx,
+                               need_dmod, dx, dgamma, dbeta);
+  });
+  return {dx, dgamma, dbeta};
+}
+
+}  // namespace fastxmc
+
+TORCH_LIBRARY_FRAGMENT(fastxmc, m) {
+  m.def(
+      "modulated_bn_forward(Tensor x, Tensor gamma, Tensor beta, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, bool relu) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "modulated_bn_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor mean, Tensor invstd, "
+      "Tensor mask, bool training, bool relu, bool need_dx, bool need_dmod) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastxmc, CPU, m) {
+  m.impl("modulated_bn_forward", &fastxmc::modulated_bn_forward_cpu);
+  m.impl("modulated_bn_backward", &fastxmc::modulated_bn_backward_cpu);
+}
