@@ -111,7 +111,7 @@ MBN_INLINE Vec<A> load(const T* p) {
 }
 
 template <class A, class T>
-MBN_INLINE void store(T* p, Vec<A> v) {
+MBN_INLINE void store(T* p, const Vec<A>& v) {
   if constexpr (std::is_same_v<T, A>) {
     std::memcpy(p, &v, sizeof v);
   } else {
@@ -130,7 +130,7 @@ MBN_INLINE Vec<A> load_n(const T* p, int64_t n) {
 }
 
 template <class A, class T>
-MBN_INLINE void store_n(T* p, Vec<A> v, int64_t n) {
+MBN_INLINE void store_n(T* p, const Vec<A>& v, int64_t n) {
   T t[kL<A>];
   store<A>(t, v);
   for (int64_t j = 0; j < n; ++j) p[j] = t[j];
@@ -165,24 +165,24 @@ MBN_INLINE Vec<A> load_mask_n(const uint8_t* p, int64_t n) {
 }
 
 template <class A>
-MBN_INLINE typename Pack<A>::U8 positive(Vec<A> y) {
+MBN_INLINE typename Pack<A>::U8 positive(const Vec<A>& y) {
   return __builtin_convertvector((y > Vec<A>{}) & 1, typename Pack<A>::U8);
 }
 
 template <class A>
-MBN_INLINE void store_mask_n(uint8_t* p, Vec<A> y, int64_t n) {
+MBN_INLINE void store_mask_n(uint8_t* p, const Vec<A>& y, int64_t n) {
   const typename Pack<A>::U8 m = positive<A>(y);
   std::memcpy(p, &m, static_cast<size_t>(n));
 }
 
 // max(y, 0) that keeps NaN (as torch.relu does).
 template <class A>
-MBN_INLINE Vec<A> relu(Vec<A> y) {
+MBN_INLINE Vec<A> relu(const Vec<A>& y) {
   return y < Vec<A>{} ? Vec<A>{} : y;
 }
 
 template <class A>
-MBN_INLINE double hsum(Vec<A> v) {
+MBN_INLINE double hsum(const Vec<A>& v) {
   double s = 0;
   for (int j = 0; j < kL<A>; ++j) s += v[j];
   return s;
@@ -875,10 +875,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_bn_backward_cpu(
     TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1, fn,
                 ": training needs more than one value per channel, got x ", x.sizes());
   }
-  const at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor dx = need_dx ? at::empty_like(x) : empty;
-  at::Tensor dgamma = need_dmod ? at::empty_like(gamma) : empty;
-  at::Tensor dbeta = need_dmod ? at::empty_like(gamma) : empty;
+  // Outputs that are not needed are distinct empty tensors (outputs must not alias each other).
+  const auto output_like = [&](const at::Tensor& t, bool needed) {
+    return needed ? at::empty_like(t) : at::empty({0}, x.options());
+  };
+  at::Tensor dx = output_like(x, need_dx);
+  at::Tensor dgamma = output_like(gamma, need_dmod);
+  at::Tensor dbeta = output_like(gamma, need_dmod);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modulated_bn_backward_cpu", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     backward_impl<scalar_t, A>(grad_y, x, gamma, mean, invstd, mask, training, relu, need_dx,

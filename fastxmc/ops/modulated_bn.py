@@ -145,10 +145,9 @@ def modulated_bn_backward_op(grad_y: Tensor, x: Tensor, gamma: Tensor, mean: Ten
 
 @modulated_bn_backward_op.register_fake
 def _(grad_y, x, gamma, mean, invstd, mask, training, relu, need_dx, need_dmod, backend):
-    empty = x.new_empty(0)
-    return (torch.empty_like(x) if need_dx else empty,
-            torch.empty_like(gamma) if need_dmod else empty,
-            torch.empty_like(gamma) if need_dmod else empty)
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(gamma) if need_dmod else x.new_empty(0),
+            torch.empty_like(gamma) if need_dmod else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -246,6 +245,12 @@ def _check(x, gamma, beta, running_mean, running_var, training, momentum, eps) -
 
 
 # ---------------------------------------------------------------- public function
+@torch._dynamo.assume_constant_result
+def _choose_backend(device: torch.device, dtype: torch.dtype, impl) -> str:
+    # Evaluated eagerly while torch.compile traces (the choice reads files and the environment).
+    return registry.select(Request(device, dtype), impl)
+
+
 def modulated_batch_norm(x: Tensor, gamma: Tensor, beta: Tensor,
                          running_mean: Tensor | None = None,
                          running_var: Tensor | None = None, *, training: bool = True,
@@ -270,7 +275,7 @@ def modulated_batch_norm(x: Tensor, gamma: Tensor, beta: Tensor,
         x, gamma, the per-channel mean / invstd and, with ``relu``, a uint8 mask.
     """
     _check(x, gamma, beta, running_mean, running_var, training, momentum, eps)
-    backend = registry.select(Request(x.device, x.dtype), impl)
+    backend = _choose_backend(x.device, x.dtype, impl)
     if backend == "reference":
         return modulated_batch_norm_reference(
             x, gamma, beta, running_mean, running_var, training=bool(training),

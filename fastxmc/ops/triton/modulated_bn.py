@@ -160,9 +160,11 @@ if triton is not None:
                 row = part_ptr + (bi * n_splits + sp).to(tl.int64) * 2 * C + cs
                 sb += tl.load(row, mask=c_ok, other=0.0).to(tl.float64)
                 qb += tl.load(row + C, mask=c_ok, other=0.0).to(tl.float64)
-            if CHANNEL_GRADS:
-                tl.store(db_ptr + bi * C + cs, sb.to(db_ptr.dtype.element_ty), mask=c_ok)
-                tl.store(dg_ptr + bi * C + cs, qb.to(dg_ptr.dtype.element_ty), mask=c_ok)
+            if CHANNEL_GRADS:  # via fp32: the interpreter mishandles fp64 -> bf16 directly
+                tl.store(db_ptr + bi * C + cs, sb.to(tl.float32).to(db_ptr.dtype.element_ty),
+                         mask=c_ok)
+                tl.store(dg_ptr + bi * C + cs, qb.to(tl.float32).to(dg_ptr.dtype.element_ty),
+                         mask=c_ok)
             if PIXEL:
                 s1 += sb
                 s2 += qb
@@ -317,10 +319,10 @@ def modulated_bn_backward_triton(grad_y: Tensor, x: Tensor, gamma: Tensor, mean:
     _require(x)
     geo = _Geometry(x)
     pixel = gamma.dim() == 4
-    empty = x.new_empty(0)
-    dx = torch.empty_like(x) if need_dx else empty
-    dg = torch.empty_like(gamma) if need_dmod else empty
-    db = torch.empty_like(gamma) if need_dmod else empty
+    # Outputs that are not needed are distinct empty tensors (outputs must not alias each other).
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dg = torch.empty_like(gamma) if need_dmod else x.new_empty(0)
+    db = torch.empty_like(gamma) if need_dmod else x.new_empty(0)
     mask_arg = mask if relu else x
     k1 = torch.zeros(geo.C, device=x.device, dtype=torch.float32)
     k2 = torch.zeros(geo.C, device=x.device, dtype=torch.float32)
