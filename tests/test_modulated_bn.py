@@ -151,8 +151,11 @@ def test_training_without_buffers_and_eval_leaves_buffers_alone():
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    data = [t.float() for t in _inputs((3, 40, 24, 24), pixel=True)]
+@pytest.mark.parametrize("channels,pixel", [(6, False), (6, True), (40, True)])
+def test_results_do_not_depend_on_the_thread_count(channels, pixel):
+    # NCHW with 6 channels runs one channel per work item on 1 thread and plane-parallel passes on
+    # 2 (fewer than 4 channels per thread): both orders of summation must give the same bits.
+    data = [t.float() for t in _inputs((3, channels, 24, 24), pixel)]
     threads = torch.get_num_threads()
     try:
         runs = []

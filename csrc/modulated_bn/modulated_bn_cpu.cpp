@@ -61,6 +61,8 @@ constexpr int64_t kFlushRows = 64;
 constexpr int64_t kGrainValues = 32768;
 // NHWC reductions: about this many work items in all (partials: items x 2 x Cp doubles).
 constexpr int64_t kTargetItems = 256;
+// NCHW passes go one channel per work item when there are at least this many channels per thread.
+constexpr int64_t kMinChannelsPerThread = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Vector helpers (always inline: they take the target of the pass that inlines them).
@@ -358,6 +360,9 @@ MBN_INLINE void bwd_elem_run_channel(const T* dy, const T* x, const uint8_t* mas
 struct Geometry {
   int64_t B, C, HW, Cp;  // Cp: C rounded up to whole vectors
   bool cl;               // channels_last (NHWC) storage
+  // NCHW with enough channels for every thread: passes run one channel per work item
+  // (reduce_then_elementwise_per_channel); else plane- / row-parallel passes.
+  bool blocked;
   int64_t rows_per_item;  // NHWC reductions: pixel rows per work item (within one image)
   int64_t items_per_image;
 
@@ -368,6 +373,22 @@ struct Geometry {
   int64_t values_per_reduce_item() const { return cl ? rows_per_item * C : HW; }
 };
 
+// The two sums of NCHW plane p = b * C + c into out[0], out[1]: float32 lanes over blocks of
+// kFlushValues values, each block's lanes added into float64 in order.
+template <class A, class Op>
+MBN_INLINE void plane_sums(const Op& op, const Geometry& g, int64_t p, double* out) {
+  double s = 0, q = 0;
+  for (int64_t o = 0; o < g.HW; o += kFlushValues) {
+    Vec<A> vs{}, vq{};
+    op.template run<false>(p * g.HW + o, std::min(kFlushValues, g.HW - o), p / g.C, p % g.C, &vs,
+                           &vq);
+    s += hsum<A>(vs);
+    q += hsum<A>(vq);
+  }
+  out[0] = s;
+  out[1] = q;
+}
+
 // Reduction items [i0, i1) -> partials. NCHW: part[item][2] (item = b * C + c). NHWC:
 // part[item][2][Cp] (item = b * items_per_image + j: rows [j R, (j + 1) R) of image b).
 template <class A, class Op>
@@ -375,18 +396,7 @@ MBN_INLINE void reduce_items_body(const Op& op, const Geometry& g, int64_t i0, i
                                   double* part) {
   constexpr int L = kL<A>;
   if (!g.cl) {
-    for (int64_t p = i0; p < i1; ++p) {
-      double s = 0, q = 0;
-      for (int64_t o = 0; o < g.HW; o += kFlushValues) {
-        Vec<A> vs{}, vq{};
-        op.template run<false>(p * g.HW + o, std::min(kFlushValues, g.HW - o), p / g.C, p % g.C,
-                               &vs, &vq);
-        s += hsum<A>(vs);
-        q += hsum<A>(vq);
-      }
-      part[2 * p] = s;
-      part[2 * p + 1] = q;
-    }
+    for (int64_t p = i0; p < i1; ++p) plane_sums<A>(op, g, p, part + 2 * p);
     return;
   }
   const int64_t nv = g.Cp / L;
@@ -428,6 +438,20 @@ MBN_INLINE void elem_items_body(const Op& op, const Geometry& g, int64_t i0, int
   }
 }
 
+// NCHW, one channel per work item (channels [c0, c1)): the reduction over the channel's B planes
+// into sums[b][c][2], then finish(sums, c) (channel c's parameters from them), then the
+// element-wise pass over the same planes while they are still in cache. The sums are the same,
+// in the same order, as those of reduce() (plane_sums), so both paths give the same bits.
+template <class A, class RedOp, class Finish, class ElemOp>
+MBN_INLINE void channel_items_body(const RedOp& red, const Finish& finish, const ElemOp& elem,
+                                   const Geometry& g, int64_t c0, int64_t c1, double* sums) {
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t b = 0; b < g.B; ++b) plane_sums<A>(red, g, b * g.C + c, sums + 2 * (b * g.C + c));
+    finish(static_cast<const double*>(sums), c);
+    for (int64_t b = 0; b < g.B; ++b) elem.template run<false>((b * g.C + c) * g.HW, g.HW, b, c);
+  }
+}
+
 bool use_avx512() {
 #if MBN_X86
   static const bool yes = [] {
@@ -453,6 +477,11 @@ template <class Op>
 MBN_AVX512_FN void elem_items_avx512(const Op& op, const Geometry& g, int64_t i0, int64_t i1) {
   elem_items_body(op, g, i0, i1);
 }
+template <class A, class RedOp, class Finish, class ElemOp>
+MBN_AVX512_FN void channel_items_avx512(const RedOp& red, const Finish& finish, const ElemOp& elem,
+                                        const Geometry& g, int64_t c0, int64_t c1, double* sums) {
+  channel_items_body<A>(red, finish, elem, g, c0, c1, sums);
+}
 #endif
 
 template <class A, class Op>
@@ -462,6 +491,11 @@ void reduce_items_baseline(const Op& op, const Geometry& g, int64_t i0, int64_t 
 template <class Op>
 void elem_items_baseline(const Op& op, const Geometry& g, int64_t i0, int64_t i1) {
   elem_items_body(op, g, i0, i1);
+}
+template <class A, class RedOp, class Finish, class ElemOp>
+void channel_items_baseline(const RedOp& red, const Finish& finish, const ElemOp& elem,
+                            const Geometry& g, int64_t c0, int64_t c1, double* sums) {
+  channel_items_body<A>(red, finish, elem, g, c0, c1, sums);
 }
 
 int64_t grain(int64_t values_per_item) {
@@ -490,6 +524,21 @@ std::vector<double> reduce(const Op& op, const Geometry& g) {
       }
     }
   }
+  return sums;
+}
+
+// NCHW reduction + finish + element-wise pass, one channel per work item (see channel_items_body).
+// Returns sums[b][c][2] as reduce() does.
+template <class A, class RedOp, class Finish, class ElemOp>
+std::vector<double> reduce_then_elementwise_per_channel(const RedOp& red, const Finish& finish,
+                                                        const ElemOp& elem, const Geometry& g) {
+  std::vector<double> sums(static_cast<size_t>(g.B * g.C * 2));
+  at::parallel_for(0, g.C, grain(g.B * g.HW), [&](int64_t c0, int64_t c1) {
+#if MBN_X86
+    if (use_avx512()) return channel_items_avx512<A>(red, finish, elem, g, c0, c1, sums.data());
+#endif
+    channel_items_baseline<A>(red, finish, elem, g, c0, c1, sums.data());
+  });
   return sums;
 }
 
@@ -598,6 +647,7 @@ Geometry make_geometry(const at::Tensor& x, int64_t lanes) {
   g.HW = x.size(2) * x.size(3);
   g.Cp = (g.C + lanes - 1) / lanes * lanes;
   g.cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  g.blocked = !g.cl && g.C >= kMinChannelsPerThread * at::get_num_threads();
   // NHWC reductions: about kTargetItems items, each of at least kGrainValues values when possible.
   const int64_t per_image = std::max<int64_t>(1, (kTargetItems + g.B - 1) / std::max<int64_t>(1, g.B));
   int64_t rows = std::max<int64_t>(1, (g.HW + per_image - 1) / per_image);
@@ -612,22 +662,30 @@ std::vector<A> padded(const Geometry& g, int64_t rows = 1) {
   return std::vector<A>(static_cast<size_t>(rows * g.Cp), A(0));
 }
 
-// mean (C,), invstd (C,), var (C,) from the per (b, c) shifted sums of the statistics pass.
+// mean, invstd and unbiased var of channel c from the per (b, c) shifted sums sums[b][c][2].
 template <class A>
-void finalize_stats(const Geometry& g, const std::vector<double>& sums, const std::vector<A>& shift,
-                    double eps, std::vector<A>& mean, std::vector<A>& invstd, A* var) {
+void channel_stats(const Geometry& g, const double* sums, int64_t c, A shift, double eps, A* mean,
+                   A* invstd, A* var) {
   const double n = static_cast<double>(g.count());
-  for (int64_t c = 0; c < g.C; ++c) {
-    double s = 0, q = 0;
-    for (int64_t b = 0; b < g.B; ++b) {
-      s += sums[(b * g.C + c) * 2];
-      q += sums[(b * g.C + c) * 2 + 1];
-    }
-    const double dm = s / n;
-    const double biased = std::max(q / n - dm * dm, 0.0);
-    mean[c] = static_cast<A>(shift[c] + dm);
-    invstd[c] = static_cast<A>(1.0 / std::sqrt(biased + eps));
-    var[c] = static_cast<A>(biased * n / (n - 1));
+  double s = 0, q = 0;
+  for (int64_t b = 0; b < g.B; ++b) {
+    s += sums[(b * g.C + c) * 2];
+    q += sums[(b * g.C + c) * 2 + 1];
+  }
+  const double dm = s / n;
+  const double biased = std::max(q / n - dm * dm, 0.0);
+  mean[c] = static_cast<A>(shift + dm);
+  invstd[c] = static_cast<A>(1.0 / std::sqrt(biased + eps));
+  var[c] = static_cast<A>(biased * n / (n - 1));
+}
+
+// Per-channel modulation of channel c as (B, Cp) arrays: scale = invstd * (1 + gamma), beta.
+template <class A, class T>
+void fold_channel_modulation(const Geometry& g, int64_t c, A invstd, const T* gamma, const T* beta,
+                             A* scale, A* beta_acc) {
+  for (int64_t b = 0; b < g.B; ++b) {
+    scale[b * g.Cp + c] = static_cast<A>(invstd * (1 + static_cast<A>(gamma[b * g.C + c])));
+    beta_acc[b * g.Cp + c] = static_cast<A>(beta[b * g.C + c]);
   }
 }
 
@@ -637,66 +695,68 @@ void forward_impl(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor
                   at::Tensor& y, at::Tensor& mean_out, at::Tensor& invstd_out, at::Tensor& var_out,
                   at::Tensor& mask) {
   const Geometry g = make_geometry(x, kL<A>);
-  const T* xp = x.data_ptr<T>();
-  std::vector<A> mean = padded<A>(g), invstd = padded<A>(g);
+  const bool pixel = gamma.dim() == 4;
+  const T *xp = x.data_ptr<T>(), *gp = gamma.data_ptr<T>(), *bp = beta.data_ptr<T>();
+  std::vector<A> shift = padded<A>(g), mean = padded<A>(g), invstd = padded<A>(g);
+  std::vector<A> scale = padded<A>(g, pixel ? 0 : g.B), beta_acc = padded<A>(g, pixel ? 0 : g.B);
+  A* var = training ? var_out.data_ptr<A>() : nullptr;
+  // Channel c's parameters once the statistics pass has produced its sums.
+  const auto finish_channel = [&](const double* sums, int64_t c) {
+    channel_stats<A>(g, sums, c, shift[c], eps, mean.data(), invstd.data(), var);
+    if (!pixel) fold_channel_modulation<A>(g, c, invstd[c], gp, bp, scale.data(), beta_acc.data());
+  };
   if (training) {
-    std::vector<A> shift = padded<A>(g);  // the channel's first value (b = 0, pixel 0)
+    // The shift of the sums: the channel's first value (b = 0, pixel 0).
     for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<A>(xp[g.cl ? c : c * g.HW]);
-    const auto sums = reduce<A>(StatsOp<A, T>{xp, shift.data()}, g);
-    finalize_stats<A>(g, sums, shift, eps, mean, invstd, var_out.data_ptr<A>());
   } else {
     const at::Tensor m = rm.to(at::kDouble).contiguous(), v = rv.to(at::kDouble).contiguous();
     for (int64_t c = 0; c < g.C; ++c) {
       mean[c] = static_cast<A>(m.data_ptr<double>()[c]);
       invstd[c] = static_cast<A>(1.0 / std::sqrt(v.data_ptr<double>()[c] + eps));
+      if (!pixel) fold_channel_modulation<A>(g, c, invstd[c], gp, bp, scale.data(), beta_acc.data());
     }
   }
-  std::copy(mean.begin(), mean.begin() + g.C, mean_out.data_ptr<A>());
-  std::copy(invstd.begin(), invstd.begin() + g.C, invstd_out.data_ptr<A>());
-
   uint8_t* mp = relu ? mask.data_ptr<uint8_t>() : nullptr;
-  if (gamma.dim() == 4) {
-    with_flag(relu, [&](auto kRelu) {
-      elementwise(NormPixelOp<A, T, std::decay_t<decltype(kRelu)>::value>{
-                      xp, gamma.data_ptr<T>(), beta.data_ptr<T>(), y.data_ptr<T>(), mp,
-                      mean.data(), invstd.data()}, g);
-    });
-    return;
-  }
-  // Per channel: scale[b, c] = invstd[c] * (1 + gamma[b, c]), and beta, as (B, Cp) Acc arrays.
-  std::vector<A> scale = padded<A>(g, g.B), shifted = padded<A>(g, g.B);
-  const T* gp = gamma.data_ptr<T>();
-  const T* bp = beta.data_ptr<T>();
-  for (int64_t b = 0; b < g.B; ++b) {
-    for (int64_t c = 0; c < g.C; ++c) {
-      scale[b * g.Cp + c] = static_cast<A>(invstd[c] * (1 + static_cast<A>(gp[b * g.C + c])));
-      shifted[b * g.Cp + c] = static_cast<A>(bp[b * g.C + c]);
-    }
-  }
   with_flag(relu, [&](auto kRelu) {
-    elementwise(NormChannelOp<A, T, std::decay_t<decltype(kRelu)>::value>{
-                    xp, y.data_ptr<T>(), mp, mean.data(), scale.data(), shifted.data(), g.Cp}, g);
+    constexpr bool R = std::decay_t<decltype(kRelu)>::value;
+    const auto run = [&](const auto& norm) {
+      const StatsOp<A, T> stats{xp, shift.data()};
+      if (training && g.blocked) {
+        reduce_then_elementwise_per_channel<A>(stats, finish_channel, norm, g);
+        return;
+      }
+      if (training) {
+        const auto sums = reduce<A>(stats, g);
+        for (int64_t c = 0; c < g.C; ++c) finish_channel(sums.data(), c);
+      }
+      elementwise(norm, g);
+    };
+    if (pixel) {
+      run(NormPixelOp<A, T, R>{xp, gp, bp, y.data_ptr<T>(), mp, mean.data(), invstd.data()});
+    } else {
+      run(NormChannelOp<A, T, R>{xp, y.data_ptr<T>(), mp, mean.data(), scale.data(),
+                                 beta_acc.data(), g.Cp});
+    }
   });
+  std::copy_n(mean.begin(), g.C, mean_out.data_ptr<A>());
+  std::copy_n(invstd.begin(), g.C, invstd_out.data_ptr<A>());
 }
 
-// The coefficients of dx from the backward sums: k1 = invstd * mean_c(dx_hat),
-// k2 = invstd * mean_c(dx_hat * x_hat) (training; zero in eval).
+// Coefficients of dx for channel c from the backward sums: k1 = invstd * mean_c(dx_hat),
+// k2 = invstd * mean_c(dx_hat * x_hat).
 template <class A, class T>
-void dx_coefficients(const Geometry& g, const std::vector<double>& sums, const T* gamma,
-                     bool pixel, const std::vector<A>& invstd, std::vector<A>& k1,
-                     std::vector<A>& k2) {
+void dx_coefficients(const Geometry& g, const double* sums, int64_t c, const T* gamma, bool pixel,
+                     A invstd, A* k1, A* k2) {
   const double n = static_cast<double>(g.count());
-  for (int64_t c = 0; c < g.C; ++c) {
-    double s1 = 0, s2 = 0;
-    for (int64_t b = 0; b < g.B; ++b) {
-      // Per channel, dx_hat = dym * (1 + gamma[b, c]) and the sums hold dym alone.
-      const double w = pixel ? 1.0 : 1.0 + static_cast<double>(gamma[b * g.C + c]);
-      s1 += w * sums[(b * g.C + c) * 2];
-      s2 += w * sums[(b * g.C + c) * 2 + 1];
-    }
-    k1[c] = static_cast<A>(invstd[c] * s1 / n);
-    k2[c] = static_cast<A>(invstd[c] * s2 / n);
+  double s1 = 0, s2 = 0;
+  for (int64_t b = 0; b < g.B; ++b) {
+    // Per channel, dx_hat = dym * (1 + gamma[b, c]) and the sums hold dym alone.
+    const double w = pixel ? 1.0 : 1.0 + static_cast<double>(gamma[b * g.C + c]);
+    s1 += w * sums[(b * g.C + c) * 2];
+    s2 += w * sums[(b * g.C + c) * 2 + 1];
   }
+  k1[c] = static_cast<A>(invstd * s1 / n);
+  k2[c] = static_cast<A>(invstd * s2 / n);
 }
 
 template <class T, class A>
@@ -704,63 +764,72 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
                    const at::Tensor& mean_in, const at::Tensor& invstd_in, const at::Tensor& mask,
                    bool training, bool relu, bool need_dx, bool need_dmod, at::Tensor& dx,
                    at::Tensor& dgamma, at::Tensor& dbeta) {
+  if (!need_dx && !need_dmod) return;
   const Geometry g = make_geometry(x, kL<A>);
   const bool pixel = gamma.dim() == 4;
   const T *dyp = dy.data_ptr<T>(), *xp = x.data_ptr<T>(), *gp = gamma.data_ptr<T>();
   const uint8_t* mp = relu ? mask.data_ptr<uint8_t>() : nullptr;
+  T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
+  T* dgp = need_dmod ? dgamma.data_ptr<T>() : nullptr;
+  T* dbp = need_dmod ? dbeta.data_ptr<T>() : nullptr;
   std::vector<A> mean = padded<A>(g), invstd = padded<A>(g), k1 = padded<A>(g), k2 = padded<A>(g);
+  std::vector<A> c1 = padded<A>(g, pixel ? 0 : g.B), c2 = padded<A>(g);
   std::copy_n(mean_in.data_ptr<A>(), g.C, mean.begin());
   std::copy_n(invstd_in.data_ptr<A>(), g.C, invstd.begin());
 
-  std::vector<double> sums;
-  if ((training && need_dx) || (!pixel && need_dmod)) {
-    with_flag(pixel, [&](auto kPixel) {
-      with_flag(relu, [&](auto kRelu) {
-        sums = reduce<A>(BwdSumsOp<A, T, std::decay_t<decltype(kPixel)>::value, std::decay_t<decltype(kRelu)>::value>{
-                             dyp, xp, gp, mp, mean.data(), invstd.data()}, g);
-      });
-    });
-    if (training && need_dx) dx_coefficients<A>(g, sums, gp, pixel, invstd, k1, k2);
-  }
-  if (pixel) {
-    if (!need_dx && !need_dmod) return;
-    T* dxp = need_dx ? dx.data_ptr<T>() : nullptr;
-    T* dgp = need_dmod ? dgamma.data_ptr<T>() : nullptr;
-    T* dbp = need_dmod ? dbeta.data_ptr<T>() : nullptr;
-    with_flag(relu, [&](auto kRelu) {
-      with_flag(need_dx, [&](auto kDx) {
-        with_flag(need_dmod, [&](auto kDmod) {
-          if constexpr (std::decay_t<decltype(kDx)>::value || std::decay_t<decltype(kDmod)>::value) {
-            elementwise(BwdPixelOp<A, T, std::decay_t<decltype(kRelu)>::value, std::decay_t<decltype(kDx)>::value,
-                                   std::decay_t<decltype(kDmod)>::value>{
-                            dyp, xp, gp, mp, dxp, dgp, dbp, mean.data(), invstd.data(),
-                            k1.data(), k2.data()}, g);
-          }
-        });
-      });
-    });
-    return;
-  }
-  if (need_dmod) {  // per channel: dbeta[b, c] = sum dym, dgamma[b, c] = sum dym * x_hat
-    T* dgp = dgamma.data_ptr<T>();
-    T* dbp = dbeta.data_ptr<T>();
-    for (int64_t i = 0; i < g.B * g.C; ++i) {
-      dbp[i] = static_cast<T>(sums[2 * i]);
-      dgp[i] = static_cast<T>(sums[2 * i + 1]);
-    }
-  }
-  if (!need_dx) return;
-  std::vector<A> c1 = padded<A>(g, g.B), c2 = padded<A>(g);
-  for (int64_t c = 0; c < g.C; ++c) c2[c] = invstd[c] * k2[c];
-  for (int64_t b = 0; b < g.B; ++b) {
-    for (int64_t c = 0; c < g.C; ++c) {
+  // Per channel: dx = dym * c1 - k1 - (x - mean) * c2, c1 = invstd (1 + gamma), c2 = invstd k2.
+  const auto fold_dx_channel = [&](int64_t c) {
+    if (pixel) return;
+    c2[c] = invstd[c] * k2[c];
+    for (int64_t b = 0; b < g.B; ++b) {
       c1[b * g.Cp + c] = static_cast<A>(invstd[c] * (1 + static_cast<A>(gp[b * g.C + c])));
     }
-  }
+  };
+  // Channel c's outputs and dx coefficients once the reduction pass has produced its sums.
+  const auto finish_channel = [&](const double* sums, int64_t c) {
+    if (!pixel && need_dmod) {  // dbeta[b, c] = sum dym, dgamma[b, c] = sum dym * x_hat
+      for (int64_t b = 0; b < g.B; ++b) {
+        dbp[b * g.C + c] = static_cast<T>(sums[(b * g.C + c) * 2]);
+        dgp[b * g.C + c] = static_cast<T>(sums[(b * g.C + c) * 2 + 1]);
+      }
+    }
+    if (training && need_dx) dx_coefficients<A>(g, sums, c, gp, pixel, invstd[c], k1.data(), k2.data());
+    fold_dx_channel(c);
+  };
+  const bool sums_needed = (training && need_dx) || (!pixel && need_dmod);
+  const bool elem_needed = need_dx || (pixel && need_dmod);
+  const auto run = [&](const auto& sums_op, const auto& elem_op) {
+    if (sums_needed && elem_needed && g.blocked) {
+      reduce_then_elementwise_per_channel<A>(sums_op, finish_channel, elem_op, g);
+      return;
+    }
+    if (sums_needed) {
+      const auto sums = reduce<A>(sums_op, g);
+      for (int64_t c = 0; c < g.C; ++c) finish_channel(sums.data(), c);
+    } else {
+      for (int64_t c = 0; c < g.C; ++c) fold_dx_channel(c);
+    }
+    if (elem_needed) elementwise(elem_op, g);
+  };
   with_flag(relu, [&](auto kRelu) {
-    elementwise(BwdChannelOp<A, T, std::decay_t<decltype(kRelu)>::value>{
-                    dyp, xp, mp, dx.data_ptr<T>(), mean.data(), k1.data(), c2.data(), c1.data(),
-                    g.Cp}, g);
+    constexpr bool R = std::decay_t<decltype(kRelu)>::value;
+    if (!pixel) {
+      run(BwdSumsOp<A, T, false, R>{dyp, xp, gp, mp, mean.data(), invstd.data()},
+          BwdChannelOp<A, T, R>{dyp, xp, mp, dxp, mean.data(), k1.data(), c2.data(), c1.data(),
+                                g.Cp});
+      return;
+    }
+    const BwdSumsOp<A, T, true, R> sums_op{dyp, xp, gp, mp, mean.data(), invstd.data()};
+    with_flag(need_dx, [&](auto kDx) {
+      with_flag(need_dmod, [&](auto kDmod) {
+        constexpr bool D = std::decay_t<decltype(kDx)>::value;
+        constexpr bool M = std::decay_t<decltype(kDmod)>::value;
+        if constexpr (D || M) {
+          run(sums_op, BwdPixelOp<A, T, R, D, M>{dyp, xp, gp, mp, dxp, dgp, dbp, mean.data(),
+                                                 invstd.data(), k1.data(), k2.data()});
+        }
+      });
+    });
   });
 }
 
