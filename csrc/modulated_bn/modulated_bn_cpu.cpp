@@ -11,9 +11,13 @@
 //             normalize-modulate(-ReLU) element-wise pass writing y (and the uint8 ReLU mask);
 //   backward: [when needed] reduction of per (b, c) sums of dym * w and dym * w * x_hat;
 //             element-wise pass writing dx (and per-pixel dgamma, dbeta).
+// NCHW with enough channels runs both passes of a direction one channel at a time (reduction over
+// the channel's B planes, then the element-wise pass while those planes are in L2), which saves
+// one read of the inputs from memory; otherwise each pass runs over all the data in turn.
 // Reductions: each work item writes its own partial (float32 vector accumulators, flushed into
 // float64 every kFlushValues values or kFlushRows rows); partials are merged serially in a fixed
-// order, so results are the same for any thread count.
+// order, so results are the same for any thread count. Work items are handed out dynamically
+// (parallel_chunks), which keeps a pass going when a thread loses its core on a busy machine.
 //
 // Vectorization: the kernels use GCC vector types of 64 bytes (16 floats / 8 doubles) in
 // always-inline functions. Each pass has two instantiations: one with the AVX-512 target attribute
@@ -29,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -63,6 +68,8 @@ constexpr int64_t kGrainValues = 32768;
 constexpr int64_t kTargetItems = 256;
 // NCHW passes go one channel per work item when there are at least this many channels per thread.
 constexpr int64_t kMinChannelsPerThread = 4;
+// Work is handed out in about this many chunks per thread (see parallel_chunks).
+constexpr int64_t kChunksPerThread = 8;
 
 // ---------------------------------------------------------------------------------------------
 // Vector helpers (always inline: they take the target of the pass that inlines them).
@@ -502,12 +509,29 @@ int64_t grain(int64_t values_per_item) {
   return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, values_per_item));
 }
 
+// Runs f(i0, i1) over [0, n) in chunks handed out through an atomic counter (at least `min_chunk`
+// items, about kChunksPerThread per thread): on a busy machine a thread that loses its core does
+// not hold up the pass, as a static split would. Each item is processed once, by whichever
+// thread, and writes only its own outputs, so results do not depend on the schedule.
+template <class F>
+void parallel_chunks(int64_t n, int64_t min_chunk, const F& f) {
+  if (n <= 0) return;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = std::max(min_chunk, (n + threads * kChunksPerThread - 1) /
+                                                (threads * kChunksPerThread));
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t k = next++; k < chunks; k = next++) f(k * chunk, std::min(n, (k + 1) * chunk));
+  });
+}
+
 // Runs every reduction item (in parallel) and merges the partials into sums[b][c][2], in order.
 template <class A, class Op>
 std::vector<double> reduce(const Op& op, const Geometry& g) {
   const int64_t items = g.reduce_items();
   std::vector<double> part(static_cast<size_t>(items * 2 * (g.cl ? g.Cp : 1)));
-  at::parallel_for(0, items, grain(g.values_per_reduce_item()), [&](int64_t i0, int64_t i1) {
+  parallel_chunks(items, grain(g.values_per_reduce_item()), [&](int64_t i0, int64_t i1) {
 #if MBN_X86
     if (use_avx512()) return reduce_items_avx512<A>(op, g, i0, i1, part.data());
 #endif
@@ -533,7 +557,7 @@ template <class A, class RedOp, class Finish, class ElemOp>
 std::vector<double> reduce_then_elementwise_per_channel(const RedOp& red, const Finish& finish,
                                                         const ElemOp& elem, const Geometry& g) {
   std::vector<double> sums(static_cast<size_t>(g.B * g.C * 2));
-  at::parallel_for(0, g.C, grain(g.B * g.HW), [&](int64_t c0, int64_t c1) {
+  parallel_chunks(g.C, grain(g.B * g.HW), [&](int64_t c0, int64_t c1) {
 #if MBN_X86
     if (use_avx512()) return channel_items_avx512<A>(red, finish, elem, g, c0, c1, sums.data());
 #endif
@@ -544,7 +568,7 @@ std::vector<double> reduce_then_elementwise_per_channel(const RedOp& red, const 
 
 template <class Op>
 void elementwise(const Op& op, const Geometry& g) {
-  at::parallel_for(0, g.elem_items(), grain(g.values_per_elem_item()), [&](int64_t i0, int64_t i1) {
+  parallel_chunks(g.elem_items(), grain(g.values_per_elem_item()), [&](int64_t i0, int64_t i1) {
 #if MBN_X86
     if (use_avx512()) return elem_items_avx512(op, g, i0, i1);
 #endif
