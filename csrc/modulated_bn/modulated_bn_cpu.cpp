@@ -158,19 +158,38 @@ MBN_INLINE Lanes<A> first_lanes(int64_t n) {
   return m;
 }
 
-// The ReLU mask (0 / 1) of L values, as Acc lanes.
+// Lanes where the ReLU mask byte is set (all ones) or not (zero). The bytes are spread to the
+// lanes with a byte shuffle: GCC 12 turns a widening __builtin_convertvector of bytes into one
+// scalar conversion per lane.
 template <class A>
-MBN_INLINE Vec<A> load_mask(const uint8_t* p) {
+MBN_INLINE Lanes<A> mask_lanes(const uint8_t* p) {
   typename Pack<A>::U8 m;
   std::memcpy(&m, p, sizeof m);
-  return __builtin_convertvector(m, Vec<A>);
+  typedef uint8_t Bytes __attribute__((vector_size(64)));
+  Bytes spread;
+  if constexpr (kL<A> == 16) {  // byte j -> byte 4 j (the low byte of 32-bit lane j)
+    spread = __builtin_shufflevector(m, m, 0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1,
+                                     -1, 4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1,
+                                     8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1,
+                                     12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1,
+                                     -1);
+  } else {  // byte j -> byte 8 j (the low byte of 64-bit lane j)
+    spread = __builtin_shufflevector(m, m, 0, -1, -1, -1, -1, -1, -1, -1, 1, -1, -1, -1, -1, -1,
+                                     -1, -1, 2, -1, -1, -1, -1, -1, -1, -1, 3, -1, -1, -1, -1, -1,
+                                     -1, -1, 4, -1, -1, -1, -1, -1, -1, -1, 5, -1, -1, -1, -1, -1,
+                                     -1, -1, 6, -1, -1, -1, -1, -1, -1, -1, 7, -1, -1, -1, -1, -1,
+                                     -1, -1);
+  }
+  Lanes<A> w;
+  std::memcpy(&w, &spread, sizeof w);
+  return (w & 0xFF) != 0;  // the other bytes of each lane are undefined
 }
 
 template <class A>
-MBN_INLINE Vec<A> load_mask_n(const uint8_t* p, int64_t n) {
+MBN_INLINE Lanes<A> mask_lanes_n(const uint8_t* p, int64_t n) {
   uint8_t t[kL<A>] = {};
   for (int64_t j = 0; j < n; ++j) t[j] = p[j];
-  return load_mask<A>(t);
+  return mask_lanes<A>(t);
 }
 
 template <class A>
@@ -197,16 +216,22 @@ MBN_INLINE double hsum(const Vec<A>& v) {
   return s;
 }
 
-// A per-channel parameter at in-run offset i: broadcast p[0] (NCHW run) or the lanes p[i..]
-// (NHWC row, p padded to Cp).
+// A per-channel parameter of a run: p[0] broadcast once (NCHW run; loaded before the loop, so the
+// loop's stores cannot force a reload) or the lanes p[i..] at in-run offset i (NHWC row, p padded
+// to Cp).
 template <bool kVec, class A>
-MBN_INLINE Vec<A> param(const A* p, int64_t i) {
-  if constexpr (kVec) {
-    return load<A>(p + i);
-  } else {
-    return splat<A>(p[0]);
+struct Param {
+  const A* p;
+  Vec<A> v;
+  MBN_INLINE explicit Param(const A* ptr) : p(ptr), v(kVec ? Vec<A>{} : splat<A>(ptr[0])) {}
+  MBN_INLINE Vec<A> at(int64_t i) const {
+    if constexpr (kVec) {
+      return load<A>(p + i);
+    } else {
+      return v;
+    }
   }
-}
+};
 
 // The accumulator of in-run offset i: one per run (NCHW) or one per channel vector (NHWC).
 template <bool kVec, class A>
@@ -222,45 +247,47 @@ MBN_INLINE Vec<A>& slot(Vec<A>* acc, int64_t i) {
 template <bool kVec, class A, class T>
 MBN_INLINE void stats_run(const T* x, int64_t n, const A* shift, Vec<A>* s, Vec<A>* q) {
   constexpr int L = kL<A>;
+  const Param<kVec, A> k(shift);
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    const Vec<A> d = load<A>(x + i) - param<kVec>(shift, i);
+    const Vec<A> d = load<A>(x + i) - k.at(i);
     slot<kVec, A>(s, i) += d;
     slot<kVec, A>(q, i) += d * d;
   }
   if (i < n) {
-    const Vec<A> d = first_lanes<A>(n - i) ? load_n<A>(x + i, n - i) - param<kVec>(shift, i)
-                                           : Vec<A>{};
+    const Vec<A> d = first_lanes<A>(n - i) ? load_n<A>(x + i, n - i) - k.at(i) : Vec<A>{};
     slot<kVec, A>(s, i) += d;
     slot<kVec, A>(q, i) += d * d;
   }
+}
+
+// Stores a run's lanes [i, i + m) of v (all L when full), and the ReLU mask y > 0 when kRelu.
+template <bool kRelu, class A, class T>
+MBN_INLINE void store_output(T* y, uint8_t* mask, int64_t i, const Vec<A>& v, int64_t m,
+                             bool full) {
+  if (full) {
+    store<A>(y + i, v);
+  } else {
+    store_n<A>(y + i, v, m);
+  }
+  if constexpr (kRelu) store_mask_n<A>(mask + i, v, m);
 }
 
 // Normalize-modulate with per-pixel gamma / beta: y = (x - mean) * invstd * (1 + g) + b.
 template <bool kVec, bool kRelu, class A, class T>
-MBN_INLINE Vec<A> norm_pixel(const T* x, const T* g, const T* b, int64_t i, int64_t n,
-                             const A* mean, const A* invstd, bool full) {
-  const Vec<A> xv = full ? load<A>(x) : load_n<A>(x, n);
-  const Vec<A> gv = full ? load<A>(g) : load_n<A>(g, n);
-  const Vec<A> bv = full ? load<A>(b) : load_n<A>(b, n);
-  const Vec<A> y = (xv - param<kVec>(mean, i)) * param<kVec>(invstd, i) * (1 + gv) + bv;
-  return kRelu ? relu<A>(y) : y;
-}
-
-template <bool kVec, bool kRelu, class A, class T>
 MBN_INLINE void norm_run_pixel(const T* x, const T* g, const T* b, T* y, uint8_t* mask, int64_t n,
                                const A* mean, const A* invstd) {
   constexpr int L = kL<A>;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    const Vec<A> v = norm_pixel<kVec, kRelu>(x + i, g + i, b + i, i, L, mean, invstd, true);
-    store<A>(y + i, v);
-    if constexpr (kRelu) store_mask_n<A>(mask + i, v, L);
-  }
-  if (i < n) {
-    const Vec<A> v = norm_pixel<kVec, kRelu>(x + i, g + i, b + i, i, n - i, mean, invstd, false);
-    store_n<A>(y + i, v, n - i);
-    if constexpr (kRelu) store_mask_n<A>(mask + i, v, n - i);
+  const Param<kVec, A> mu(mean), is(invstd);
+  for (int64_t i = 0; i < n; i += L) {
+    const bool full = i + L <= n;
+    const int64_t m = full ? L : n - i;
+    const Vec<A> xv = full ? load<A>(x + i) : load_n<A>(x + i, m);
+    const Vec<A> gv = full ? load<A>(g + i) : load_n<A>(g + i, m);
+    const Vec<A> bv = full ? load<A>(b + i) : load_n<A>(b + i, m);
+    Vec<A> v = (xv - mu.at(i)) * is.at(i) * (1 + gv) + bv;
+    if constexpr (kRelu) v = relu<A>(v);
+    store_output<kRelu, A>(y, mask, i, v, m, full);
   }
 }
 
@@ -270,26 +297,23 @@ template <bool kVec, bool kRelu, class A, class T>
 MBN_INLINE void norm_run_channel(const T* x, T* y, uint8_t* mask, int64_t n, const A* mean,
                                  const A* scale, const A* beta) {
   constexpr int L = kL<A>;
-  int64_t i = 0;
-  for (; i < n; i += L) {
+  const Param<kVec, A> mu(mean), sc(scale), bt(beta);
+  for (int64_t i = 0; i < n; i += L) {
     const bool full = i + L <= n;
-    const Vec<A> xv = full ? load<A>(x + i) : load_n<A>(x + i, n - i);
-    Vec<A> v = (xv - param<kVec>(mean, i)) * param<kVec>(scale, i) + param<kVec>(beta, i);
+    const int64_t m = full ? L : n - i;
+    const Vec<A> xv = full ? load<A>(x + i) : load_n<A>(x + i, m);
+    Vec<A> v = (xv - mu.at(i)) * sc.at(i) + bt.at(i);
     if constexpr (kRelu) v = relu<A>(v);
-    if (full) {
-      store<A>(y + i, v);
-    } else {
-      store_n<A>(y + i, v, n - i);
-    }
-    if constexpr (kRelu) store_mask_n<A>(mask + i, v, full ? L : n - i);
+    store_output<kRelu, A>(y, mask, i, v, m, full);
   }
 }
 
-// dym = dy * mask (ReLU) or dy, for lanes [i, i + L) of a run (the first m lanes when partial).
+// dym = dy where the ReLU mask is set (kRelu) or dy, for lanes [i, i + L) of a run (the first m
+// lanes when partial).
 template <bool kRelu, class A, class T>
 MBN_INLINE Vec<A> masked_grad(const T* dy, const uint8_t* mask, int64_t m, bool full) {
   const Vec<A> d = full ? load<A>(dy) : load_n<A>(dy, m);
-  if constexpr (kRelu) return d * (full ? load_mask<A>(mask) : load_mask_n<A>(mask, m));
+  if constexpr (kRelu) return (full ? mask_lanes<A>(mask) : mask_lanes_n<A>(mask, m)) ? d : Vec<A>{};
   return d;
 }
 
@@ -299,13 +323,14 @@ template <bool kVec, bool kPixel, bool kRelu, class A, class T>
 MBN_INLINE void bwd_sums_run(const T* dy, const T* x, const T* g, const uint8_t* mask, int64_t n,
                              const A* mean, const A* invstd, Vec<A>* s, Vec<A>* q) {
   constexpr int L = kL<A>;
+  const Param<kVec, A> mu(mean), is(invstd);
   for (int64_t i = 0; i < n; i += L) {
     const bool full = i + L <= n;
     const int64_t m = full ? L : n - i;
     Vec<A> t = masked_grad<kRelu, A>(dy + i, kRelu ? mask + i : nullptr, m, full);
     if constexpr (kPixel) t *= 1 + (full ? load<A>(g + i) : load_n<A>(g + i, m));
     const Vec<A> xv = full ? load<A>(x + i) : load_n<A>(x + i, m);
-    const Vec<A> xh = (xv - param<kVec>(mean, i)) * param<kVec>(invstd, i);
+    const Vec<A> xh = (xv - mu.at(i)) * is.at(i);
     slot<kVec, A>(s, i) += t;
     slot<kVec, A>(q, i) += t * xh;
   }
@@ -318,26 +343,21 @@ MBN_INLINE void bwd_elem_run_pixel(const T* dy, const T* x, const T* g, const ui
                                    T* dg, T* db, int64_t n, const A* mean, const A* invstd,
                                    const A* k1, const A* k2) {
   constexpr int L = kL<A>;
+  const Param<kVec, A> mu(mean), is(invstd), off(k1), slope(k2);
   for (int64_t i = 0; i < n; i += L) {
     const bool full = i + L <= n;
     const int64_t m = full ? L : n - i;
     const Vec<A> t = masked_grad<kRelu, A>(dy + i, kRelu ? mask + i : nullptr, m, full);
     const Vec<A> xv = full ? load<A>(x + i) : load_n<A>(x + i, m);
-    const Vec<A> is = param<kVec>(invstd, i);
-    const Vec<A> xh = (xv - param<kVec>(mean, i)) * is;
+    const Vec<A> xh = (xv - mu.at(i)) * is.at(i);
     if constexpr (kDx) {
       const Vec<A> gv = full ? load<A>(g + i) : load_n<A>(g + i, m);
-      const Vec<A> d = is * (t * (1 + gv)) - param<kVec>(k1, i) - xh * param<kVec>(k2, i);
-      if (full) store<A>(dx + i, d); else store_n<A>(dx + i, d, m);
+      const Vec<A> d = is.at(i) * (t * (1 + gv)) - off.at(i) - xh * slope.at(i);
+      store_output<false, A>(dx, nullptr, i, d, m, full);
     }
     if constexpr (kDmod) {
-      if (full) {
-        store<A>(dg + i, t * xh);
-        store<A>(db + i, t);
-      } else {
-        store_n<A>(dg + i, t * xh, m);
-        store_n<A>(db + i, t, m);
-      }
+      store_output<false, A>(dg, nullptr, i, t * xh, m, full);
+      store_output<false, A>(db, nullptr, i, t, m, full);
     }
   }
 }
@@ -349,14 +369,14 @@ MBN_INLINE void bwd_elem_run_channel(const T* dy, const T* x, const uint8_t* mas
                                      int64_t n, const A* mean, const A* c1, const A* k1,
                                      const A* c2) {
   constexpr int L = kL<A>;
+  const Param<kVec, A> mu(mean), scale(c1), off(k1), slope(c2);
   for (int64_t i = 0; i < n; i += L) {
     const bool full = i + L <= n;
     const int64_t m = full ? L : n - i;
     const Vec<A> t = masked_grad<kRelu, A>(dy + i, kRelu ? mask + i : nullptr, m, full);
     const Vec<A> xv = full ? load<A>(x + i) : load_n<A>(x + i, m);
-    const Vec<A> d = t * param<kVec>(c1, i) - param<kVec>(k1, i) -
-                     (xv - param<kVec>(mean, i)) * param<kVec>(c2, i);
-    if (full) store<A>(dx + i, d); else store_n<A>(dx + i, d, m);
+    const Vec<A> d = t * scale.at(i) - off.at(i) - (xv - mu.at(i)) * slope.at(i);
+    store_output<false, A>(dx, nullptr, i, d, m, full);
   }
 }
 
