@@ -11,9 +11,9 @@
 //             normalize-modulate(-ReLU) element-wise pass writing y (and the uint8 ReLU mask);
 //   backward: [when needed] reduction of per (b, c) sums of dym * w and dym * w * x_hat;
 //             element-wise pass writing dx (and per-pixel dgamma, dbeta).
-// NCHW with enough channels runs both passes of a direction one channel at a time (reduction over
-// the channel's B planes, then the element-wise pass while those planes are in L2), which saves
-// one read of the inputs from memory; otherwise each pass runs over all the data in turn.
+// NCHW with enough channels runs both passes of a direction a group of channels at a time
+// (reduction over the group's planes, then the element-wise pass while those planes are in L2),
+// which saves one read of the inputs from memory; otherwise each pass runs over all the data.
 // Reductions: each work item writes its own partial (float32 vector accumulators, flushed into
 // float64 every kFlushValues values or kFlushRows rows); partials are merged serially in a fixed
 // order, so results are the same for any thread count. Work items are handed out dynamically
@@ -70,6 +70,10 @@ constexpr int64_t kTargetItems = 256;
 constexpr int64_t kMinChannelsPerThread = 4;
 // Work is handed out in about this many chunks per thread (see parallel_chunks).
 constexpr int64_t kChunksPerThread = 8;
+// NCHW channel groups (see channel_items_body): values read as one stream per image, and the
+// most values per tensor a group keeps in cache between its two passes (1 MB of float32).
+constexpr int64_t kMinStreamValues = 2048;
+constexpr int64_t kMaxGroupValues = 262144;
 
 // ---------------------------------------------------------------------------------------------
 // Vector helpers (always inline: they take the target of the pass that inlines them).
@@ -158,11 +162,11 @@ MBN_INLINE Lanes<A> first_lanes(int64_t n) {
   return m;
 }
 
-// Lanes where the ReLU mask byte is set (all ones) or not (zero). The bytes are spread to the
-// lanes with a byte shuffle: GCC 12 turns a widening __builtin_convertvector of bytes into one
-// scalar conversion per lane.
+// The ReLU mask bytes, one per lane (compare with 0 where it is used: GCC 12 scalarizes a vector
+// comparison whose result is kept as a value). The bytes are spread to the lanes with a byte
+// shuffle: GCC 12 turns a widening __builtin_convertvector of bytes into one conversion per lane.
 template <class A>
-MBN_INLINE Lanes<A> mask_lanes(const uint8_t* p) {
+MBN_INLINE Lanes<A> mask_bytes(const uint8_t* p) {
   typename Pack<A>::U8 m;
   std::memcpy(&m, p, sizeof m);
   typedef uint8_t Bytes __attribute__((vector_size(64)));
@@ -182,19 +186,25 @@ MBN_INLINE Lanes<A> mask_lanes(const uint8_t* p) {
   }
   Lanes<A> w;
   std::memcpy(&w, &spread, sizeof w);
-  return (w & 0xFF) != 0;  // the other bytes of each lane are undefined
+  return w & 0xFF;  // the other bytes of each lane are undefined
 }
 
 template <class A>
-MBN_INLINE Lanes<A> mask_lanes_n(const uint8_t* p, int64_t n) {
+MBN_INLINE Lanes<A> mask_bytes_n(const uint8_t* p, int64_t n) {
   uint8_t t[kL<A>] = {};
   for (int64_t j = 0; j < n; ++j) t[j] = p[j];
-  return mask_lanes<A>(t);
+  return mask_bytes<A>(t);
 }
 
 template <class A>
 MBN_INLINE typename Pack<A>::U8 positive(const Vec<A>& y) {
   return __builtin_convertvector((y > Vec<A>{}) & 1, typename Pack<A>::U8);
+}
+
+template <class A>
+MBN_INLINE void store_mask(uint8_t* p, const Vec<A>& y) {
+  const typename Pack<A>::U8 m = positive<A>(y);
+  std::memcpy(p, &m, sizeof m);  // a constant size: one vector store, not a memcpy call
 }
 
 template <class A>
@@ -209,11 +219,25 @@ MBN_INLINE Vec<A> relu(const Vec<A>& y) {
   return y < Vec<A>{} ? Vec<A>{} : y;
 }
 
+// The sum of the lanes, added in float64 as a pairwise tree (a few shuffles: an NCHW pass calls
+// it for every plane, and planes of 8 x 8 values are short).
 template <class A>
 MBN_INLINE double hsum(const Vec<A>& v) {
-  double s = 0;
-  for (int j = 0; j < kL<A>; ++j) s += v[j];
-  return s;
+  typedef double D8 __attribute__((vector_size(64)));
+  typedef double D4 __attribute__((vector_size(32)));
+  typedef double D2 __attribute__((vector_size(16)));
+  D8 d;
+  if constexpr (kL<A> == 16) {
+    typedef float F8 __attribute__((vector_size(32)));
+    const F8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    const F8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    d = __builtin_convertvector(lo, D8) + __builtin_convertvector(hi, D8);
+  } else {
+    d = v;
+  }
+  const D4 a = __builtin_shufflevector(d, d, 0, 1, 2, 3) + __builtin_shufflevector(d, d, 4, 5, 6, 7);
+  const D2 b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+  return b[0] + b[1];
 }
 
 // A per-channel parameter of a run: p[0] broadcast once (NCHW run; loaded before the loop, so the
@@ -267,10 +291,11 @@ MBN_INLINE void store_output(T* y, uint8_t* mask, int64_t i, const Vec<A>& v, in
                              bool full) {
   if (full) {
     store<A>(y + i, v);
+    if constexpr (kRelu) store_mask<A>(mask + i, v);
   } else {
     store_n<A>(y + i, v, m);
+    if constexpr (kRelu) store_mask_n<A>(mask + i, v, m);
   }
-  if constexpr (kRelu) store_mask_n<A>(mask + i, v, m);
 }
 
 // Normalize-modulate with per-pixel gamma / beta: y = (x - mean) * invstd * (1 + g) + b.
@@ -313,7 +338,10 @@ MBN_INLINE void norm_run_channel(const T* x, T* y, uint8_t* mask, int64_t n, con
 template <bool kRelu, class A, class T>
 MBN_INLINE Vec<A> masked_grad(const T* dy, const uint8_t* mask, int64_t m, bool full) {
   const Vec<A> d = full ? load<A>(dy) : load_n<A>(dy, m);
-  if constexpr (kRelu) return (full ? mask_lanes<A>(mask) : mask_lanes_n<A>(mask, m)) ? d : Vec<A>{};
+  if constexpr (kRelu) {
+    const Lanes<A> bytes = full ? mask_bytes<A>(mask) : mask_bytes_n<A>(mask, m);
+    return bytes != 0 ? d : Vec<A>{};
+  }
   return d;
 }
 
@@ -387,9 +415,10 @@ MBN_INLINE void bwd_elem_run_channel(const T* dy, const T* x, const uint8_t* mas
 struct Geometry {
   int64_t B, C, HW, Cp;  // Cp: C rounded up to whole vectors
   bool cl;               // channels_last (NHWC) storage
-  // NCHW with enough channels for every thread: passes run one channel per work item
+  // NCHW with enough channels for every thread: passes run channel group by channel group
   // (reduce_then_elementwise_per_channel); else plane- / row-parallel passes.
   bool blocked;
+  int64_t group;  // channels per group: planes of at least kMinStreamValues values in all
   int64_t rows_per_item;  // NHWC reductions: pixel rows per work item (within one image)
   int64_t items_per_image;
 
@@ -465,17 +494,28 @@ MBN_INLINE void elem_items_body(const Op& op, const Geometry& g, int64_t i0, int
   }
 }
 
-// NCHW, one channel per work item (channels [c0, c1)): the reduction over the channel's B planes
-// into sums[b][c][2], then finish(sums, c) (channel c's parameters from them), then the
-// element-wise pass over the same planes while they are still in cache. The sums are the same,
-// in the same order, as those of reduce() (plane_sums), so both paths give the same bits.
+// NCHW, channels [c0, c1) taken in groups of g.group consecutive channels: the reduction over a
+// group's B x group planes into sums[b][c][2], then finish(sums, c) for each of its channels
+// (their parameters), then the element-wise pass over the same planes while they are still in
+// cache. Image b's planes of a group are adjacent in memory, so each image is read as one
+// stream of group * HW values (planes of 8 x 8 values alone defeat the prefetcher). The sums are
+// the same, in the same order, as those of reduce() (plane_sums), so both paths give the same bits.
 template <class A, class RedOp, class Finish, class ElemOp>
 MBN_INLINE void channel_items_body(const RedOp& red, const Finish& finish, const ElemOp& elem,
                                    const Geometry& g, int64_t c0, int64_t c1, double* sums) {
-  for (int64_t c = c0; c < c1; ++c) {
-    for (int64_t b = 0; b < g.B; ++b) plane_sums<A>(red, g, b * g.C + c, sums + 2 * (b * g.C + c));
-    finish(static_cast<const double*>(sums), c);
-    for (int64_t b = 0; b < g.B; ++b) elem.template run<false>((b * g.C + c) * g.HW, g.HW, b, c);
+  for (int64_t cg = c0; cg < c1; cg += g.group) {
+    const int64_t ce = std::min(c1, cg + g.group);
+    for (int64_t b = 0; b < g.B; ++b) {
+      for (int64_t c = cg; c < ce; ++c) {
+        plane_sums<A>(red, g, b * g.C + c, sums + 2 * (b * g.C + c));
+      }
+    }
+    for (int64_t c = cg; c < ce; ++c) finish(static_cast<const double*>(sums), c);
+    for (int64_t b = 0; b < g.B; ++b) {
+      for (int64_t c = cg; c < ce; ++c) {
+        elem.template run<false>((b * g.C + c) * g.HW, g.HW, b, c);
+      }
+    }
   }
 }
 
@@ -577,7 +617,7 @@ template <class A, class RedOp, class Finish, class ElemOp>
 std::vector<double> reduce_then_elementwise_per_channel(const RedOp& red, const Finish& finish,
                                                         const ElemOp& elem, const Geometry& g) {
   std::vector<double> sums(static_cast<size_t>(g.B * g.C * 2));
-  parallel_chunks(g.C, grain(g.B * g.HW), [&](int64_t c0, int64_t c1) {
+  parallel_chunks(g.C, std::max(g.group, grain(g.B * g.HW)), [&](int64_t c0, int64_t c1) {
 #if MBN_X86
     if (use_avx512()) return channel_items_avx512<A>(red, finish, elem, g, c0, c1, sums.data());
 #endif
@@ -692,6 +732,11 @@ Geometry make_geometry(const at::Tensor& x, int64_t lanes) {
   g.Cp = (g.C + lanes - 1) / lanes * lanes;
   g.cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   g.blocked = !g.cl && g.C >= kMinChannelsPerThread * at::get_num_threads();
+  // A group's planes of one image stream kMinStreamValues values or more, and all its planes
+  // (about kMaxGroupValues values per tensor) stay in L2 between the two passes.
+  const int64_t stream = (kMinStreamValues + g.HW - 1) / std::max<int64_t>(1, g.HW);
+  const int64_t cached = kMaxGroupValues / std::max<int64_t>(1, g.B * g.HW);
+  g.group = std::max<int64_t>(1, std::min(stream, cached));
   // NHWC reductions: about kTargetItems items, each of at least kGrainValues values when possible.
   const int64_t per_image = std::max<int64_t>(1, (kTargetItems + g.B - 1) / std::max<int64_t>(1, g.B));
   int64_t rows = std::max<int64_t>(1, (g.HW + per_image - 1) / per_image);
