@@ -19,12 +19,12 @@ import torch
 from torch import Tensor
 
 from fastxmc import _extension
+from fastxmc.ops import backends
 from fastxmc.ops.checks import check_float_tensor, check_like, check_positive
 from fastxmc.ops.registry import Backend, OpRegistry, Request
 from fastxmc.ops.triton import modulated_bn as triton_mbn
 from fastxmc.reference.modulated_bn import modulated_batch_norm_reference
 
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Register the compiled ops (torch.ops.fastxmc.*) now; a missing build is reported, not raised.
 _extension.extension_loaded()
@@ -50,42 +50,9 @@ _KERNELS = {
 
 
 # ---------------------------------------------------------------- what each backend supports
-def _reference_unsupported(req: Request) -> list:
-    return [] if req.dtype.is_floating_point else [f"dtype {req.dtype} is not floating point"]
-
-
-def _cpu_unsupported(req: Request) -> list:
-    why = []
-    if not _extension.has_kernel("modulated_bn_forward", "CPU"):
-        why.append(_extension.extension_error() or "the extension has no modulated_bn CPU kernel")
-    if req.device.type != "cpu":
-        why.append(f"tensors are on {req.device.type}, not cpu")
-    if req.dtype not in FUSED_DTYPES + (torch.float64,):
-        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16/float64")
-    return why
-
-
-def _cuda_unsupported(req: Request) -> list:
-    why = []
-    if not _extension.extension_loaded():
-        why.append(_extension.extension_error())
-    elif not _extension.has_kernel("modulated_bn_forward", "CUDA"):
-        why.append("the extension was built without CUDA kernels (FASTXMC_CUDA=0 or no toolkit)")
-    if req.device.type != "cuda":
-        why.append(f"tensors are on {req.device.type}, not cuda")
-    if req.dtype not in FUSED_DTYPES:
-        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16")
-    return why
-
-
-def _triton_unsupported(req: Request) -> list:
-    why = []
-    reason = triton_mbn.triton_unavailable_reason(req.device)
-    if reason:
-        why.append(reason)
-    if req.dtype not in FUSED_DTYPES:
-        why.append(f"dtype {req.dtype} is not float32/float16/bfloat16")
-    return why
+_cpu_unsupported = backends.native_cpu("modulated_bn_forward")
+_cuda_unsupported = backends.native_cuda("modulated_bn_forward")
+_triton_unsupported = backends.triton(triton_mbn.triton_unavailable_reason)
 
 
 registry = OpRegistry(
@@ -95,7 +62,7 @@ registry = OpRegistry(
               "cpu": ["cpu", "reference"],
               "default": ["reference"]},
 )
-registry.register(Backend("reference", _reference_unsupported, "plain PyTorch composition (oracle)"))
+registry.register(Backend("reference", backends.floating_unsupported, "plain PyTorch composition (oracle)"))
 registry.register(Backend("cpu", _cpu_unsupported, "C++ kernels (csrc/), 2 passes fwd, 2 bwd"))
 registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
 registry.register(Backend("cuda", _cuda_unsupported, "C++/CUDA kernels (csrc/)"))
