@@ -7,8 +7,8 @@ DEPS   := $(VENV)/.deps-installed
 
 .PHONY: demo test bench build setup info clean
 
-demo: build  ## the main job (until the training engine lands: a small loss benchmark)
-	$(PY) -m benchmarks.bench_infonce --quick --out build/demo_infonce.csv
+demo: build  ## the main job: train XMC-GAN on the embedded shapes dataset (runs/shapes)
+	$(PY) -m fastxmc.train $(ARGS)
 
 test: build  ## the whole suite; Triton kernels run in the interpreter on CPU tensors
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
@@ -16,6 +16,10 @@ test: build  ## the whole suite; Triton kernels run in the interpreter on CPU te
 bench: build  ## the kernel microbenchmarks (results appended under benchmarks/results/)
 	$(PY) -m benchmarks.bench_infonce --plot
 	$(PY) -m benchmarks.bench_infonce --labels --plot
+	$(PY) -m benchmarks.bench_region_word
+	$(PY) -m benchmarks.bench_modulation
+	$(PY) -m benchmarks.bench_word_attention
+	$(PY) -m benchmarks.bench_train_step
 
 info: build
 	$(PY) -m fastxmc.info
