@@ -48,8 +48,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 STAGES = [(1536, 8), (768, 16), (384, 32), (192, 64), (96, 128)]
 BASELINE = "composition"
 # design/kernels.md section 3 (CPU, one run).
-TARGET = dict(b=8, c=192, h=64, modulation="pixel", relu=1, dtype="fp32", mode="full",
-              speedup=2.0)
+TARGET = dict(b=8, c=192, h=64, modulation="pixel", relu=1, dtype="fp32", layout="nchw",
+              mode="full", speedup=2.0)
 MEMORY_SHARE = 0.7  # skip a provider whose estimated peak exceeds this share of available memory
 
 
@@ -321,7 +321,8 @@ def measure_case(case: Case, args, device, dtype, chosen, meta) -> list:
 def _at_target(row: dict, args, device) -> bool:
     return (row["b"] == TARGET["b"] and row["c"] == TARGET["c"] and row["h"] == TARGET["h"]
             and row["modulation"] == TARGET["modulation"] and row["relu"] == TARGET["relu"]
-            and args.dtype == TARGET["dtype"] and device.type == "cpu")
+            and args.dtype == TARGET["dtype"] and args.layout == TARGET["layout"]
+            and device.type == "cpu")
 
 
 def print_summary(rows: list, args, device, dtype) -> None:
@@ -340,7 +341,7 @@ def print_summary(rows: list, args, device, dtype) -> None:
     target_rows = [r for r in full if _at_target(r, args, device)]
     if not target_rows:
         print(f"  target (B={TARGET['b']}, C={TARGET['c']}, {TARGET['h']}x{TARGET['h']}, per-pixel "
-              f"+ ReLU, fp32, cpu) not measured in this run: not judged", flush=True)
+              f"+ ReLU, fp32, NCHW, cpu) not measured in this run: not judged", flush=True)
         return
     value = target_rows[0]["speedup_vs_composition"]
     verdict = "PASS" if value >= TARGET["speedup"] else "FAIL"

@@ -142,6 +142,20 @@ def test_only_the_requested_gradients():
         torch.testing.assert_close(grad, want[index], rtol=3e-5, atol=3e-5)
 
 
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_expanded_upstream_gradient(impl):
+    # y.sum() hands the backward a stride-0 gradient; channels_last x makes it convert to NHWC.
+    x, gamma, beta, *_ = _inputs((2, 3, 4, 5), pixel=True)
+    grads = []
+    for use, layout in (("reference", None), (impl, CL)):
+        leaves = [t.float().contiguous(memory_format=layout or torch.contiguous_format)
+                  .requires_grad_() for t in (x, gamma, beta)]
+        modulated_batch_norm(*leaves, relu=True, impl=use).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=3e-5, atol=3e-5)
+
+
 def test_training_without_buffers_and_eval_leaves_buffers_alone():
     x, gamma, beta, rm, rv, dy = (t.float() for t in _inputs((2, 3, 4, 4), pixel=False))
     want = modulated_batch_norm_reference(x, gamma, beta, training=True)

@@ -11,7 +11,8 @@
 //   training: mean[c] = batch mean, invstd[c] = 1 / sqrt(biased batch variance + eps), var[c] =
 //             unbiased batch variance (for the caller's running-buffer update; the op itself
 //             mutates nothing). The statistics are one pass of shifted sums (shift = the channel's
-//             first value) accumulated in Acc blocks of <= 1024 values and then in float64.
+//             first value, x[0, c, 0, 0]) in Acc partials (CPU: each vector lane sums at most 64
+//             values; GPU: per thread, a slice of one image) that are merged in float64.
 //   eval:     mean = running_mean, invstd = 1 / sqrt(running_var + eps) (Acc), var is empty (0,).
 //   y:        x's dtype and strides.   mean, invstd: (C,) Acc.
 //   mask:     uint8 with x's strides, 1 where y > 0 (relu only; an empty (0,) tensor otherwise):

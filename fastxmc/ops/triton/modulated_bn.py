@@ -9,7 +9,7 @@ per layout (:func:`_tiles`). Every accumulation is fp32 (the cross-program merge
 
 Forward (training): ``_reduce_kernel`` (statistics) -> ``_stats_finalize_kernel`` -> ``_norm_kernel``.
 Backward: [``_reduce_kernel`` (gradient sums) -> ``_grad_finalize_kernel``] -> ``_grad_kernel``.
-A reduction program owns (channel block, image b, slice of HW) and writes its partial sums to
+A reduction program owns (image b, slice of HW, channel block) and writes its partial sums to
 ``part[b * n_splits + split, 2, C]`` (no atomics: deterministic); the finalize kernels fold them.
 The statistics are shifted sums (shift = the channel's first value), as in the CPU kernel.
 
@@ -59,8 +59,8 @@ if triton is not None:
         GRAD=False (statistics): d = x - shift, sums (d, d^2).
         GRAD=True: dym = dy * mask, w = 1 + g (PIXEL) or 1, sums (dym w, dym w x_hat).
         """
-        pid_c = tl.program_id(0)
-        pid_bs = tl.program_id(1)
+        pid_bs = tl.program_id(0)
+        pid_c = tl.program_id(1)
         b = pid_bs // n_splits
         split = pid_bs % n_splits
         base = b.to(tl.int64) * s_b
@@ -118,9 +118,9 @@ if triton is not None:
                      PIXEL: tl.constexpr, RELU: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
         """y = (x - mean) * invstd * (1 + g) + beta (then ReLU and the uint8 mask y > 0)."""
-        pid_c = tl.program_id(0)
-        bi = tl.program_id(1) // n_hw_blocks
-        hw0 = (tl.program_id(1) % n_hw_blocks) * BLOCK_HW
+        bi = tl.program_id(0) // n_hw_blocks
+        hw0 = (tl.program_id(0) % n_hw_blocks) * BLOCK_HW
+        pid_c = tl.program_id(1)
         base = bi.to(tl.int64) * s_b
         cs, offs, ok = _tile(pid_c * BLOCK_C, hw0, C, HW, s_c, s_hw, BLOCK_C, BLOCK_HW)
         c_ok = cs < C
@@ -190,9 +190,9 @@ if triton is not None:
                      PIXEL_GRADS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
         """dx = invstd * dym * (1 + g) - k1 - x_hat * k2; per pixel dgamma = dym * x_hat,
         dbeta = dym (PIXEL_GRADS)."""
-        pid_c = tl.program_id(0)
-        bi = tl.program_id(1) // n_hw_blocks
-        hw0 = (tl.program_id(1) % n_hw_blocks) * BLOCK_HW
+        bi = tl.program_id(0) // n_hw_blocks
+        hw0 = (tl.program_id(0) % n_hw_blocks) * BLOCK_HW
+        pid_c = tl.program_id(1)
         base = bi.to(tl.int64) * s_b
         cs, offs, ok = _tile(pid_c * BLOCK_C, hw0, C, HW, s_c, s_hw, BLOCK_C, BLOCK_HW)
         c_ok = cs < C
@@ -265,7 +265,7 @@ def _require(x: Tensor) -> None:
 def _reduce(geo: _Geometry, x: Tensor, dy: Tensor, g: Tensor, mask: Tensor, mean: Tensor,
             invstd: Tensor, grad: bool, pixel: bool, relu: bool) -> Tensor:
     part = torch.empty((geo.B * geo.n_splits, 2, geo.C), device=x.device, dtype=torch.float32)
-    grid = (geo.n_c_blocks, geo.B * geo.n_splits)
+    grid = (geo.B * geo.n_splits, geo.n_c_blocks)
     _reduce_kernel[grid](x, dy, g, mask, mean, invstd, part, geo.C, geo.HW, *geo.strides,
                          geo.hw_per_split, geo.n_splits, GRAD=grad, PIXEL=pixel, RELU=relu,
                          BLOCK_C=geo.block_c, BLOCK_HW=geo.block_hw, num_warps=geo.warps)
@@ -284,7 +284,8 @@ def _statistics(geo: _Geometry, x: Tensor, eps: float) -> Tuple[Tensor, Tensor, 
 
 
 def _elementwise_grid(geo: _Geometry) -> tuple:
-    return (geo.n_c_blocks, geo.B * geo.n_hw_blocks)
+    # The long axis first: grid axes 1 and 2 are limited to 65535 programs.
+    return (geo.B * geo.n_hw_blocks, geo.n_c_blocks)
 
 
 def modulated_bn_forward_triton(x: Tensor, gamma: Tensor, beta: Tensor,
