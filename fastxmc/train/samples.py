@@ -1,7 +1,7 @@
 """Sample grids: G_ema on a fixed set of captions and a fixed z, each caption written under its image.
 
 During training the grid is written every ``run.sample_every`` steps and at the end to
-``DIR/samples/step-XXXXXX.png`` (and to TensorBoard). The captions are the first ``run.num_samples``
+``DIR/samples/step-<step, 6 digits>.png`` (e.g. ``step-000250.png``; also to TensorBoard). The captions are the first ``run.num_samples``
 samples of the validation split (the training split when the dataset has no validation split),
 the z are drawn from a generator seeded with the run's seed: the same across the run and its
 resumptions, so grids of different steps are comparable. ``DIR/samples/captions.json`` lists them.
