@@ -23,10 +23,7 @@ fp32, full, CPU) are checked for the default fused backend: PASS/FAIL per target
 """
 from __future__ import annotations
 
-import argparse
-import math
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
+from benchmarks import sweep as sweeps
 from fastxmc.losses import info_nce, supcon
 from fastxmc.ops.infonce import registry
 from fastxmc.ops.registry import Request
@@ -44,14 +42,11 @@ COLUMNS = ["timestamp", "run_id", "commit", "machine", "device", "torch", "pytho
            "loadavg", "op", "provider", "mode", "n", "m", "d", "dtype", "labels", "temperature",
            "median_ms", "p20_ms", "p80_ms", "reps", "peak_extra_mb", "baseline", "baseline_ms",
            "ratio_to_4mm", "speedup_vs_materialized", "loss", "status", "note"]
-GEMMS_PER_MODE = {"fwd": 1, "bwd": 3, "full": 4}
-MODES = ("fwd", "bwd", "full")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-          "fp64": torch.float64}
+# k torch.mm of the N x M similarity product per mode.
+GEMM = sweeps.GemmBaseline({"fwd": 1, "bwd": 3, "full": 4})
 # The targets of design/kernels.md section 1 (CPU, one run).
 TARGET = dict(n=16384, d=256, dtype="fp32", mode="full", speedup=4.0, ratio_to_4mm=1.5,
               extra_mb=256.0)
-MEMORY_SHARE = 0.7  # skip a provider whose estimated peak exceeds this share of available memory
 
 
 # ---------------------------------------------------------------- setup (one per op)
@@ -132,10 +127,7 @@ def _importable(module: str) -> Optional[str]:
 
 
 def _fastxmc_reason(backend: str, device, dtype) -> Optional[str]:
-    if backend in ("triton", "cuda") and device.type != "cuda":
-        return "GPU-only backend (on CPU, Triton's interpreter is for tests, not timing)"
-    why = registry.reasons(Request(device, dtype)).get(backend)
-    return "; ".join(why) if why else None
+    return sweeps.backend_reason(registry, backend, Request(device, dtype))
 
 
 @dataclass
@@ -191,9 +183,7 @@ def baseline_provider(op: str) -> str:
 
 def default_backend(device, dtype) -> str:
     """What ``info_nce`` picks without ``impl=`` (the fused backend the targets are about)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return registry.select(Request(device, dtype), None)
+    return sweeps.default_backend(registry, Request(device, dtype))
 
 
 def estimated_bytes(provider: Provider, n: int, m: int, d: int, dtype) -> int:
@@ -204,31 +194,6 @@ def estimated_bytes(provider: Provider, n: int, m: int, d: int, dtype) -> int:
 
 
 # ---------------------------------------------------------------- one measurement
-def _mode_calls(loss_fn: Callable, x: Inputs, mode: str):
-    """(setup, timed call) for ``mode``; gradients are cleared before every call."""
-    def clear():
-        for p in x.params():
-            p.grad = None
-
-    def forward(_):
-        return loss_fn(x)
-
-    def backward_only():
-        clear()
-        return loss_fn(x)
-
-    def full(_):
-        loss = loss_fn(x)
-        loss.backward()
-        return loss.detach()
-
-    if mode == "fwd":
-        return clear, forward
-    if mode == "bwd":
-        return backward_only, lambda loss: loss.backward()
-    return clear, full
-
-
 def _gemm_calls(x: Inputs, k: int):
     a = x.a.detach()
     b = a if x.b is None else x.b.detach()
@@ -240,57 +205,15 @@ def _gemm_calls(x: Inputs, k: int):
     return gemms
 
 
-@dataclass
-class Row:
-    provider: str
-    mode: str
-    status: str
-    result: Optional[common.Measurement] = None
-    note: str = ""
-
-    def __post_init__(self):
-        # When it was measured, and how loaded the machine was then.
-        self.timestamp, self.loadavg = common.timestamp(), common.load_average()
-
-
-def _measure(fn_pair, device, policy) -> common.Measurement:
-    setup, call = fn_pair
-    return common.measure(call, setup=setup, device=device, policy=policy)
-
-
-def _failed(provider: str, mode: str, err: BaseException) -> Row:
-    oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-    first_line = (str(err).splitlines() or [""])[0][:200]
-    return Row(provider, mode, "oom" if oom else "error", note=f"{type(err).__name__}: {first_line}")
-
-
 def run_provider(provider: Provider, x: Inputs, modes, device, policy):
     """Yields one Row per mode as soon as it is measured."""
     try:
         loss_fn = provider.make()
     except Exception as err:  # noqa: BLE001 - report and go on with the other providers
-        yield from (_failed(provider.name, mode, err) for mode in modes)
+        yield from (sweeps.Row.failed(provider.name, mode, err) for mode in modes)
         return
-    for mode in modes:
-        try:
-            row = Row(provider.name, mode, "ok",
-                      _measure(_mode_calls(loss_fn, x, mode), device, policy))
-        except Exception as err:  # noqa: BLE001
-            row = _failed(provider.name, mode, err)
-        finally:
-            for p in x.params():
-                p.grad = None
-        yield row
-
-
-def run_gemm_baseline(x: Inputs, modes, device, policy):
-    for mode in modes:
-        k = GEMMS_PER_MODE[mode]
-        try:
-            yield Row(f"{k}mm", mode, "ok", common.measure(_gemm_calls(x, k), device=device,
-                                                           policy=policy))
-        except Exception as err:  # noqa: BLE001
-            yield _failed(f"{k}mm", mode, err)
+    yield from sweeps.run_provider(provider.name, lambda: loss_fn(x), x.params(), modes, device,
+                                   policy)
 
 
 # ---------------------------------------------------------------- reporting
@@ -298,64 +221,26 @@ HEADER = (f"{'op':<8} {'N':>6} {'provider':<15} {'mode':<4} {'median ms':>10} "
           f"{'p20-p80 ms':>19} {'reps':>4} {'extra MB':>9} {'x mm':>6} {'speedup':>7}  note")
 
 
-def _cell(value, fmt):
-    return format(value, fmt) if value is not None else "-"
-
-
 def print_row(op, n, row: dict):
-    if row["status"] != "ok":
-        print(f"{op:<8} {n:>6} {row['provider']:<15} {row['mode']:<4} {row['status'].upper():>10}"
-              f"  {row['note']}", flush=True)
-        return
-    spread = f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}"
-    print(f"{op:<8} {n:>6} {row['provider']:<15} {row['mode']:<4} {row['median_ms']:>10.1f} "
-          f"{spread:>19} {row['reps']:>4} {_cell(row['peak_extra_mb'], '9.1f')} "
-          f"{_cell(row['ratio_to_4mm'], '6.2f')} {_cell(row['speedup_vs_materialized'], '7.2f')}"
-          f"  {row['note']}", flush=True)
+    sweeps.print_table_row(f"{op:<8} {n:>6} {row['provider']:<15} {row['mode']:<4}", row,
+                           [("ratio_to_4mm", "6.2f"), ("speedup_vs_materialized", "7.2f")])
 
 
-def to_csv_row(row: Row, meta: dict, case: dict, baselines: dict) -> dict:
-    out = dict(meta, **case, timestamp=row.timestamp, loadavg=row.loadavg, provider=row.provider,
-               mode=row.mode, status=row.status, note=row.note,
-               baseline=f"{GEMMS_PER_MODE[row.mode]}mm")
-    res = row.result
-    if res is None:
-        return out
-    gemm, ref = baselines.get(("gemm", row.mode)), baselines.get(("ref", row.mode))
-    out.update(median_ms=res.median_ms, p20_ms=res.p20_ms, p80_ms=res.p80_ms, reps=res.reps,
-               peak_extra_mb=res.peak_extra_mb, loss=res.result,
-               baseline_ms=gemm, ratio_to_4mm=res.median_ms / gemm if gemm else None,
-               speedup_vs_materialized=ref / res.median_ms if ref else None)
+def to_csv_row(row: sweeps.Row, meta: dict, case: dict, baselines: sweeps.Baselines) -> dict:
+    out = sweeps.csv_row(row, meta, case, baseline=GEMM.name(row.mode))
+    if row.result is not None:
+        out.update(loss=row.result.result, baseline_ms=baselines.gemm_ms.get(row.mode),
+                   ratio_to_4mm=baselines.ratio_to_gemm(row),
+                   speedup_vs_materialized=baselines.speedup(row))
     return out
-
-
-def _loss_check(row: Row, reference: str, ref_loss: Optional[float]) -> None:
-    """Flag a provider whose loss differs from the baseline's (they must compute the same)."""
-    value = row.result.result if row.result is not None else None
-    if value is None or ref_loss is None or row.provider == reference:
-        return
-    if not math.isclose(value, ref_loss, rel_tol=2e-3, abs_tol=1e-4):
-        row.note = (row.note + f" LOSS MISMATCH {value:.6g} vs {reference} {ref_loss:.6g}").strip()
 
 
 # ---------------------------------------------------------------- the sweep
 def select_providers(op: str, requested: Optional[list], device, dtype, d) -> list:
-    every = providers_for(op)
-    names = requested or list(every)
-    unknown = [p for p in names if p not in every and not p.endswith("mm")]
-    if unknown:
-        raise SystemExit(f"unknown providers for {op}: {unknown}; choose from {list(every)}")
-    chosen = []
-    for name in names:
-        if name.endswith("mm"):
-            continue  # the GEMM baseline always runs
-        why = every[name].reason(device, dtype, d)
-        if why:
-            print(f"# skip {name}: {why}", flush=True)
-        else:
-            chosen.append(every[name])
-    # The baseline runs first so that every later row can print its speedup.
-    return sorted(chosen, key=lambda p: p.name != baseline_provider(op))
+    """The baseline first (so that every later row can print its speedup)."""
+    return sweeps.select_providers(providers_for(op), requested,
+                                   lambda p: p.reason(device, dtype, d), baseline_provider(op),
+                                   what=f"providers for {op}")
 
 
 def _memory_skip(provider: Optional[Provider], n: int, d: int, dtype, device) -> Optional[str]:
@@ -364,24 +249,20 @@ def _memory_skip(provider: Optional[Provider], n: int, d: int, dtype, device) ->
         need = n * n * (torch.finfo(dtype).bits // 8)
     else:
         need = estimated_bytes(provider, n, n, d, dtype)
-    free = common.available_memory_bytes(device)
-    if need <= MEMORY_SHARE * free:
-        return None
-    return (f"estimated peak {need / common.MB:.0f} MB > {MEMORY_SHARE:.0%} of available "
-            f"{free / common.MB:.0f} MB")
+    return sweeps.memory_skip(need, device)
 
 
 def _rows_of_size(op, n, args, device, dtype, providers):
     x = setup_inputs(op, n, args.dim, dtype, device, args.temperature)
     why = _memory_skip(None, n, args.dim, dtype, device)
     if why:
-        yield from (Row(f"{GEMMS_PER_MODE[m]}mm", m, "skipped", note=why) for m in args.modes)
+        yield from (sweeps.Row(GEMM.name(m), m, "skipped", note=why) for m in args.modes)
     else:
-        yield from run_gemm_baseline(x, args.modes, device, args.policy)
+        yield from GEMM.rows(lambda k: _gemm_calls(x, k), args.modes, device, args.policy)
     for provider in providers:
         why = _memory_skip(provider, n, args.dim, dtype, device)
         if why:
-            yield from (Row(provider.name, mode, "skipped", note=why) for mode in args.modes)
+            yield from sweeps.Row.skipped(provider.name, args.modes, why)
         else:
             yield from run_provider(provider, x, args.modes, device, args.policy)
 
@@ -390,23 +271,11 @@ def run_size(op, n, args, device, dtype, providers, meta) -> list:
     """Measures every provider at N = M = n; prints and appends each row as it is measured."""
     case = dict(op=op, n=n, m=n, d=args.dim, dtype=args.dtype, labels=int(op == "supcon"),
                 temperature=args.temperature)
-    reference, baselines, ref_loss, out = baseline_provider(op), {}, None, []
-    for row in _rows_of_size(op, n, args, device, dtype, providers):
-        if row.status == "ok" and row.provider == f"{GEMMS_PER_MODE[row.mode]}mm":
-            baselines[("gemm", row.mode)] = row.result.median_ms
-        if row.status == "ok" and row.provider == reference:
-            baselines[("ref", row.mode)] = row.result.median_ms
-            ref_loss = row.result.result if row.result.result is not None else ref_loss
-        _loss_check(row, reference, ref_loss)
-        csv_row = to_csv_row(row, meta, case, baselines)
-        print_row(op, n, csv_row)
-        common.append_rows(args.out, [csv_row], COLUMNS)
-        out.append(csv_row)
-    return out
-
-
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+    baselines = sweeps.Baselines(baseline_provider(op), GEMM.name)
+    rows = baselines.recorded(_rows_of_size(op, n, args, device, dtype, providers),
+                              loss_abs_tol=1e-4)
+    return sweeps.report(rows, lambda row: to_csv_row(row, meta, case, baselines),
+                         lambda row: print_row(op, n, row), args.out, COLUMNS)
 
 
 def print_summary(op: str, rows: list, args, device, dtype) -> None:
@@ -441,29 +310,22 @@ def print_summary(op: str, rows: list, args, device, dtype) -> None:
             continue
         ok = value >= target if op_sign == ">=" else value <= target
         # A verdict only where the target is defined; smaller runs (--quick) just show the ratio.
-        verdict = _verdict(ok) if shape_ok else "(not judged at this size)"
+        verdict = sweeps.verdict(ok) if shape_ok else "(not judged at this size)"
         print(f"  {label:<28} {value:9.2f}{unit:<3}  target {op_sign} {target:g}{unit}  "
               f"{verdict}", flush=True)
 
 
 # ---------------------------------------------------------------- command line
-def _csv_list(text: str, cast=str) -> list:
-    return [cast(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=lambda s: _csv_list(s, int), default=None,
+    p = sweeps.argument_parser(__doc__)
+    p.add_argument("--sizes", type=lambda s: sweeps.csv_list(s, int), default=None,
                    help="N = M values (default 1024,4096,16384; --quick: 1024,4096)")
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--modes", type=_csv_list, default=None,
-                   help="comma list of fwd,bwd,full (default all three; --quick: full)")
+    sweeps.add_device_args(p)
+    sweeps.add_modes_arg(p)
     p.add_argument("--labels", action="store_true",
                    help="the supcon op (labels) against pytorch-metric-learning's SupConLoss")
-    p.add_argument("--providers", type=_csv_list, default=None,
+    p.add_argument("--providers", type=sweeps.csv_list, default=None,
                    help="comma list (default: every available one); the GEMM baseline always runs")
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--threads", type=int, default=None,
@@ -477,15 +339,11 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=None,
                    help="cap on the wall time of one (size, provider, mode), at least one call "
                         "is timed (default 40; --quick: 10)")
-    p.add_argument("--quick", action="store_true",
-                   help="N = 1024, 4096, full mode, few repetitions (about a minute)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    sweeps.add_output_args(p, "N = 1024, 4096, full mode, few repetitions (about a minute)",
+                           DEFAULT_OUT)
     p.add_argument("--plot", action="store_true", help="write a PNG per op next to the CSV")
     args = p.parse_args(argv)
-    args.modes = args.modes or (["full"] if args.quick else list(MODES))
-    bad = [m for m in args.modes if m not in MODES]
-    if bad:
-        p.error(f"unknown modes {bad}; choose from {list(MODES)}")
+    args.modes = sweeps.resolve_modes(p, args.modes, ["full"] if args.quick else list(sweeps.MODES))
     args.sizes = args.sizes or ([1024, 4096] if args.quick else [1024, 4096, 16384])
     quick = args.quick
     args.policy = common.RepPolicy(
@@ -497,25 +355,14 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch.cuda is not available on this machine", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+def sweep(args, device, dtype, meta) -> None:
+    """Every size of the command line, then the verdicts (and the plot with ``--plot``)."""
     op = "supcon" if args.labels else "info_nce"
-    meta = common.run_metadata(device)
-    print(f"# {op}: sizes {args.sizes}, D={args.dim}, {args.dtype}, modes {args.modes}, "
-          f"device {meta['device']}, {meta['machine']}, torch {meta['torch']}, "
-          f"{meta['threads']} threads, commit {meta['commit']}, load average "
-          f"{common.load_average()}", flush=True)
+    sweeps.print_run_header(f"{op}: sizes {args.sizes}, D={args.dim}, {args.dtype}, modes "
+                            f"{args.modes}", meta)
     print(f"# reps: {args.policy}", flush=True)
     providers = select_providers(op, args.providers, device, dtype, args.dim)
-    print(f"# providers: {[p.name for p in providers]} + GEMM baseline; results -> {args.out}",
-          flush=True)
-    print(HEADER, flush=True)
+    sweeps.print_table_start([p.name for p in providers], args.out, HEADER)
     rows = []
     for n in args.sizes:
         rows += run_size(op, n, args, device, dtype, providers, meta)
@@ -523,7 +370,10 @@ def main(argv=None) -> int:
     if args.plot:
         from benchmarks.plot_results import plot_all
         plot_all(args.out, ops=[op])
-    return 0
+
+
+def main(argv=None) -> int:
+    return sweeps.run_main(parse_args(argv), sweep)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ composition.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from benchmarks import common
+from benchmarks import sweep as sweeps
 from fastxmc.ops import modulated_batch_norm
 from fastxmc.ops.modulated_bn import registry
 from fastxmc.ops.registry import Request
@@ -41,16 +40,12 @@ COLUMNS = ["timestamp", "run_id", "commit", "machine", "device", "torch", "pytho
            "loadavg", "op", "provider", "mode", "b", "c", "h", "w", "modulation", "relu", "layout",
            "dtype", "median_ms", "p20_ms", "p80_ms", "reps", "peak_extra_mb", "baseline",
            "baseline_ms", "speedup_vs_composition", "status", "note"]
-MODES = ("fwd", "bwd", "full")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-          "fp64": torch.float64}
 # The generator's 128 px stages as (C, H = W).
 STAGES = [(1536, 8), (768, 16), (384, 32), (192, 64), (96, 128)]
 BASELINE = "composition"
 # design/kernels.md section 3 (CPU, one run).
 TARGET = dict(b=8, c=192, h=64, modulation="pixel", relu=1, dtype="fp32", layout="nchw",
               mode="full", speedup=2.0)
-MEMORY_SHARE = 0.7  # skip a provider whose estimated peak exceeds this share of available memory
 
 
 # ---------------------------------------------------------------- setup
@@ -112,10 +107,7 @@ class Provider:
 
 
 def _fastxmc_reason(backend: str, device, dtype) -> Optional[str]:
-    if backend in ("triton", "cuda") and device.type != "cuda":
-        return "GPU-only backend (on CPU, Triton's interpreter is for tests, not timing)"
-    why = registry.reasons(Request(device, dtype)).get(backend)
-    return "; ".join(why) if why else None
+    return sweeps.backend_reason(registry, backend, Request(device, dtype))
 
 
 def providers() -> dict:
@@ -127,54 +119,16 @@ def providers() -> dict:
 
 
 def default_backend(device, dtype) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return registry.select(Request(device, dtype), None)
+    return sweeps.default_backend(registry, Request(device, dtype))
 
 
 def select_providers(requested: Optional[list], device, dtype) -> list:
-    every = providers()
-    names = requested or list(every)
-    unknown = [n for n in names if n not in every]
-    if unknown:
-        raise SystemExit(f"unknown providers {unknown}; choose from {list(every)}")
-    chosen = []
-    for name in names:
-        why = every[name].reason(device, dtype)
-        if why:
-            print(f"# skip {name}: {why}", flush=True)
-        else:
-            chosen.append(every[name])
-    # The baseline first, so that every later row can print its speedup.
-    return sorted(chosen, key=lambda p: p.name != BASELINE)
+    """The baseline first, so that every later row can print its speedup."""
+    return sweeps.select_providers(providers(), requested, lambda p: p.reason(device, dtype),
+                                   BASELINE, gemm_baseline=False)
 
 
 # ---------------------------------------------------------------- one measurement
-def _mode_calls(provider: Provider, x: Inputs, relu: bool, mode: str):
-    """(setup, timed call) for ``mode``; gradients are cleared before every call."""
-    def clear():
-        for p in x.params():
-            p.grad = None
-
-    def forward(_):
-        return provider.run(x, relu)
-
-    def forward_for_backward():
-        clear()
-        return provider.run(x, relu)
-
-    def full(_):
-        y = provider.run(x, relu)
-        y.backward(x.upstream)
-        return None
-
-    if mode == "fwd":
-        return clear, forward
-    if mode == "bwd":
-        return forward_for_backward, lambda y: y.backward(x.upstream)
-    return clear, full
-
-
 def _output_check(provider: Provider, x: Inputs, relu: bool, want: torch.Tensor) -> str:
     """A note when the provider's forward differs from the composition's (they compute one thing)."""
     with torch.no_grad():
@@ -185,31 +139,8 @@ def _output_check(provider: Provider, x: Inputs, relu: bool, want: torch.Tensor)
     return "" if err <= tol * max(scale, 1.0) else f"OUTPUT MISMATCH max|diff| {err:.3g}"
 
 
-@dataclass
-class Row:
-    provider: str
-    mode: str
-    status: str
-    result: Optional[common.Measurement] = None
-    note: str = ""
-
-    def __post_init__(self):
-        self.timestamp, self.loadavg = common.timestamp(), common.load_average()
-
-
-def _failed(provider: str, mode: str, err: BaseException) -> Row:
-    oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-    first_line = (str(err).splitlines() or [""])[0][:200]
-    return Row(provider, mode, "oom" if oom else "error", note=f"{type(err).__name__}: {first_line}")
-
-
 def _memory_skip(provider: Provider, case: Case, dtype, device) -> Optional[str]:
-    need = provider.tensors * case.numel * torch.finfo(dtype).bits // 8
-    free = common.available_memory_bytes(device)
-    if need <= MEMORY_SHARE * free:
-        return None
-    return (f"estimated peak {need / common.MB:.0f} MB > {MEMORY_SHARE:.0%} of available "
-            f"{free / common.MB:.0f} MB")
+    return sweeps.memory_skip(provider.tensors * case.numel * torch.finfo(dtype).bits // 8, device)
 
 
 def _pooled(parts: list) -> common.Measurement:
@@ -223,12 +154,12 @@ def _ready(provider: Provider, case: Case, x: Inputs, want, args, device, dtype)
     """(note, None) when the provider can be timed on this case, else (None, rows saying why)."""
     why = _memory_skip(provider, case, dtype, device)
     if why:
-        return None, [Row(provider.name, mode, "skipped", note=why) for mode in args.modes]
+        return None, sweeps.Row.skipped(provider.name, args.modes, why)
     try:
         return (_output_check(provider, x, case.relu, want) if provider.name != BASELINE
                 else ""), None
     except Exception as err:  # noqa: BLE001 - report and go on with the other providers
-        return None, [_failed(provider.name, mode, err) for mode in args.modes]
+        return None, [sweeps.Row.failed(provider.name, mode, err) for mode in args.modes]
 
 
 def run_case(case: Case, args, device, dtype, chosen: list):
@@ -255,19 +186,18 @@ def run_case(case: Case, args, device, dtype, chosen: list):
             for provider in timed:
                 if provider.name in failed:
                     continue
-                setup, call = _mode_calls(provider, x, case.relu, mode)
                 try:
-                    parts[provider.name].append(
-                        common.measure(call, setup=setup, device=device, policy=args.policy))
+                    # keep_output=False: the timed call frees its output, as in the recorded
+                    # results of this benchmark.
+                    parts[provider.name].append(sweeps.measure_mode(
+                        lambda: provider.run(x, case.relu), x.params(), mode, device,
+                        args.policy, upstream=x.upstream, keep_output=False))
                 except Exception as err:  # noqa: BLE001
-                    failed[provider.name] = _failed(provider.name, mode, err)
-                finally:
-                    for p in x.params():
-                        p.grad = None
+                    failed[provider.name] = sweeps.Row.failed(provider.name, mode, err)
         for provider in timed:
-            yield failed.get(provider.name) or Row(provider.name, mode, "ok",
-                                                   _pooled(parts[provider.name]),
-                                                   notes[provider.name])
+            yield failed.get(provider.name) or sweeps.Row(provider.name, mode, "ok",
+                                                          _pooled(parts[provider.name]),
+                                                          notes[provider.name])
 
 
 # ---------------------------------------------------------------- reporting
@@ -275,47 +205,29 @@ HEADER = (f"{'B':>3} {'C':>5} {'HxW':>7} {'mod':<7} {'relu':>4} {'provider':<16}
           f"{'median ms':>10} {'p20-p80 ms':>17} {'reps':>4} {'extra MB':>9} {'speedup':>7}  note")
 
 
-def _cell(value, fmt):
-    return format(value, fmt) if value is not None else "-"
-
-
 def print_row(row: dict) -> None:
     lead = (f"{row['b']:>3} {row['c']:>5} {str(row['h']) + 'x' + str(row['w']):>7} "
             f"{row['modulation']:<7} {row['relu']:>4} {row['provider']:<16} {row['mode']:<4}")
-    if row["status"] != "ok":
-        print(f"{lead} {row['status'].upper():>10}  {row['note']}", flush=True)
-        return
-    spread = f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}"
-    print(f"{lead} {row['median_ms']:>10.1f} {spread:>17} {row['reps']:>4} "
-          f"{_cell(row['peak_extra_mb'], '9.1f')} {_cell(row['speedup_vs_composition'], '7.2f')}"
-          f"  {row['note']}", flush=True)
+    sweeps.print_table_row(lead, row, [("speedup_vs_composition", "7.2f")], spread_width=17)
 
 
-def to_csv_row(row: Row, meta: dict, case: Case, args, baselines: dict) -> dict:
-    out = dict(meta, op="modulated_batch_norm", provider=row.provider, mode=row.mode, b=case.b,
-               c=case.c, h=case.h, w=case.h, modulation=case.modulation, relu=int(case.relu),
-               layout=args.layout, dtype=args.dtype, timestamp=row.timestamp,
-               loadavg=row.loadavg, baseline=BASELINE, status=row.status, note=row.note)
-    res = row.result
-    if res is None:
-        return out
-    base = baselines.get(row.mode)
-    out.update(median_ms=res.median_ms, p20_ms=res.p20_ms, p80_ms=res.p80_ms, reps=res.reps,
-               peak_extra_mb=res.peak_extra_mb, baseline_ms=base,
-               speedup_vs_composition=base / res.median_ms if base else None)
+def to_csv_row(row: sweeps.Row, meta: dict, case: Case, args,
+               baselines: sweeps.Baselines) -> dict:
+    columns = dict(op="modulated_batch_norm", b=case.b, c=case.c, h=case.h, w=case.h,
+                   modulation=case.modulation, relu=int(case.relu), layout=args.layout,
+                   dtype=args.dtype)
+    out = sweeps.csv_row(row, meta, columns, baseline=BASELINE)
+    if row.result is not None:
+        out.update(baseline_ms=baselines.ref_ms.get(row.mode),
+                   speedup_vs_composition=baselines.speedup(row))
     return out
 
 
 def measure_case(case: Case, args, device, dtype, chosen, meta) -> list:
-    baselines, out = {}, []
-    for row in run_case(case, args, device, dtype, chosen):
-        if row.status == "ok" and row.provider == BASELINE:
-            baselines[row.mode] = row.result.median_ms
-        csv_row = to_csv_row(row, meta, case, args, baselines)
-        print_row(csv_row)
-        common.append_rows(args.out, [csv_row], COLUMNS)
-        out.append(csv_row)
-    return out
+    baselines = sweeps.Baselines(BASELINE)
+    rows = baselines.recorded(run_case(case, args, device, dtype, chosen))
+    return sweeps.report(rows, lambda row: to_csv_row(row, meta, case, args, baselines),
+                         print_row, args.out, COLUMNS)
 
 
 def _at_target(row: dict, args, device) -> bool:
@@ -344,16 +256,12 @@ def print_summary(rows: list, args, device, dtype) -> None:
               f"+ ReLU, fp32, NCHW, cpu) not measured in this run: not judged", flush=True)
         return
     value = target_rows[0]["speedup_vs_composition"]
-    verdict = "PASS" if value >= TARGET["speedup"] else "FAIL"
+    verdict = sweeps.verdict(value >= TARGET["speedup"])
     print(f"  target B={TARGET['b']} C={TARGET['c']} {TARGET['h']}x{TARGET['h']} per-pixel + ReLU "
           f"fwd+bwd: speedup {value:.2f}x  target >= {TARGET['speedup']:g}x  {verdict}", flush=True)
 
 
 # ---------------------------------------------------------------- command line
-def _csv_list(text: str, cast=str) -> list:
-    return [cast(v) for v in text.split(",") if v.strip()]
-
-
 def _stage(text: str) -> tuple:
     c, h = text.lower().split("x")
     return int(c), int(h)
@@ -365,24 +273,21 @@ def cases_of(args) -> list:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=lambda s: _csv_list(s, int), default=None,
+    p = sweeps.argument_parser(__doc__)
+    p.add_argument("--batches", type=lambda s: sweeps.csv_list(s, int), default=None,
                    help="batch sizes (default 8,56; --quick: 8)")
-    p.add_argument("--stages", type=lambda s: _csv_list(s, _stage), default=None,
+    p.add_argument("--stages", type=lambda s: sweeps.csv_list(s, _stage), default=None,
                    help="CxH list (default the 128 px generator: "
                         "1536x8,768x16,384x32,192x64,96x128; --quick: 192x64)")
-    p.add_argument("--modulation", type=_csv_list, default=None,
+    p.add_argument("--modulation", type=sweeps.csv_list, default=None,
                    help="channel,pixel (default both; --quick: pixel)")
-    p.add_argument("--relu", type=lambda s: _csv_list(s, int), default=None,
+    p.add_argument("--relu", type=lambda s: sweeps.csv_list(s, int), default=None,
                    help="0,1 (default both; --quick: 1)")
-    p.add_argument("--modes", type=_csv_list, default=None,
-                   help="comma list of fwd,bwd,full (default full; --quick: full)")
+    sweeps.add_modes_arg(p, "comma list of fwd,bwd,full (default full; --quick: full)")
     p.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw",
                    help="memory format of x, per-pixel gamma / beta and the gradient")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--providers", type=_csv_list, default=None,
+    sweeps.add_device_args(p)
+    p.add_argument("--providers", type=sweeps.csv_list, default=None,
                    help=f"comma list (default: every available one: {list(providers())})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice, one per core)")
@@ -393,9 +298,8 @@ def parse_args(argv=None):
                         "(default 6; --quick: 3)")
     p.add_argument("--rounds", type=int, default=3,
                    help="alternating rounds per case; each provider's calls are pooled (default 3)")
-    p.add_argument("--quick", action="store_true",
-                   help="the target case only (B=8, C=192, 64x64, per-pixel + ReLU, full)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    sweeps.add_output_args(p, "the target case only (B=8, C=192, 64x64, per-pixel + ReLU, full)",
+                           DEFAULT_OUT)
     args = p.parse_args(argv)
     quick = args.quick
     args.batches = args.batches or ([8] if quick else [8, 56])
@@ -403,7 +307,7 @@ def parse_args(argv=None):
     args.modulation = args.modulation or (["pixel"] if quick else ["channel", "pixel"])
     args.relu = args.relu if args.relu is not None else ([1] if quick else [0, 1])
     args.modes = args.modes or ["full"]
-    bad = [m for m in args.modes if m not in MODES]
+    bad = [m for m in args.modes if m not in sweeps.MODES]
     bad += [m for m in args.modulation if m not in ("channel", "pixel")]
     if bad:
         p.error(f"unknown modes / modulations {bad}")
@@ -418,28 +322,21 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch.cuda is not available on this machine", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    meta = common.run_metadata(device)
-    print(f"# modulated_batch_norm: batches {args.batches}, stages {args.stages}, "
-          f"{args.modulation}, relu {args.relu}, {args.layout}, {args.dtype}, modes {args.modes}, "
-          f"device {meta['device']}, {meta['machine']}, torch {meta['torch']}, "
-          f"{meta['threads']} threads, commit {meta['commit']}, load average "
-          f"{common.load_average()}", flush=True)
+def sweep(args, device, dtype, meta) -> None:
+    """Every case of the command line, then the verdict."""
+    sweeps.print_run_header(f"modulated_batch_norm: batches {args.batches}, stages {args.stages}, "
+                            f"{args.modulation}, relu {args.relu}, {args.layout}, {args.dtype}, "
+                            f"modes {args.modes}", meta)
     chosen = select_providers(args.providers, device, dtype)
-    print(f"# providers: {[p.name for p in chosen]}; results -> {args.out}", flush=True)
-    print(HEADER, flush=True)
+    sweeps.print_table_start([p.name for p in chosen], args.out, HEADER, gemm_baseline=False)
     rows = []
     for case in cases_of(args):
         rows += measure_case(case, args, device, dtype, chosen, meta)
     print_summary(rows, args, device, dtype)
-    return 0
+
+
+def main(argv=None) -> int:
+    return sweeps.run_main(parse_args(argv), sweep)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,7 @@ are checked for the default fused backend: at B = 64, T = 17, R = 256, d = 768, 
 """
 from __future__ import annotations
 
-import argparse
-import math
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from benchmarks import common
+from benchmarks import sweep as sweeps
 from fastxmc.losses import region_word_loss
 from fastxmc.ops.region_word import registry, request_for
 from fastxmc.ops.registry import Request
@@ -46,13 +44,15 @@ COLUMNS = ["timestamp", "run_id", "commit", "machine", "device", "torch", "pytho
            "median_ms", "p20_ms", "p80_ms", "reps", "peak_extra_mb", "baseline", "baseline_ms",
            "ratio_to_4mm", "speedup_vs_reference", "memory_vs_reference", "loss", "status", "note"]
 OP = "region_word"
-GEMMS_PER_MODE = {"fwd": 1, "bwd": 3, "full": 4}
-MODES = ("fwd", "bwd", "full")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-          "fp64": torch.float64}
+# k torch.mm of the (B T x d) x (d x B R) similarity product per mode.
+GEMM = sweeps.GemmBaseline({"fwd": 1, "bwd": 3, "full": 4})
 TARGET = dict(n=64, t=17, r=256, d=768, dtype="fp32", mode="full", speedup=3.0, memory_ratio=0.1,
               big_n=256, big_extra_mb=2048.0)
-MEMORY_SHARE = 0.7
+# Per judged batch size: (label, CSV column, sign, TARGET key, unit) of each check.
+CHECKS = [(TARGET["n"], [("speedup vs reference", "speedup_vs_reference", ">=", "speedup", "x"),
+                         ("extra memory / reference's", "memory_vs_reference", "<=",
+                          "memory_ratio", "x")]),
+          (TARGET["big_n"], [("extra peak memory", "peak_extra_mb", "<=", "big_extra_mb", " MB")])]
 # The reference's full-mode peak, in units of B^2 T (R + d) values: measured 4.3 at B = 64.
 REFERENCE_FACTOR = 4.5
 
@@ -102,10 +102,7 @@ def _request(device, dtype, r: int) -> Request:
 
 
 def _fastxmc_reason(backend: str, device, dtype, r: int) -> Optional[str]:
-    if backend in ("triton", "cuda") and device.type != "cuda":
-        return "GPU-only backend (on CPU, Triton's interpreter is for tests, not timing)"
-    why = registry.reasons(_request(device, dtype, r)).get(backend)
-    return "; ".join(why) if why else None
+    return sweeps.backend_reason(registry, backend, _request(device, dtype, r))
 
 
 def _provider(backend: str) -> Provider:
@@ -122,9 +119,7 @@ def providers() -> dict:
 
 def default_backend(device, dtype, r: int) -> str:
     """What ``region_word_loss`` picks without ``impl=`` (the backend the targets are about)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return registry.select(_request(device, dtype, r), None)
+    return sweeps.default_backend(registry, _request(device, dtype, r))
 
 
 def estimated_bytes(provider: Provider, b: int, t: int, r: int, d: int, dtype) -> int:
@@ -135,28 +130,6 @@ def estimated_bytes(provider: Provider, b: int, t: int, r: int, d: int, dtype) -
 
 
 # ---------------------------------------------------------------- one measurement
-def _mode_calls(loss_fn: Callable, x: Inputs, mode: str):
-    """(setup, timed call) for ``mode``; gradients are cleared before every call."""
-    def clear():
-        for p in x.params():
-            p.grad = None
-
-    def backward_only():
-        clear()
-        return loss_fn(x)
-
-    def full(_):
-        loss = loss_fn(x)
-        loss.backward()
-        return loss.detach()
-
-    if mode == "fwd":
-        return clear, lambda _: loss_fn(x)
-    if mode == "bwd":
-        return backward_only, lambda loss: loss.backward()
-    return clear, full
-
-
 def _gemm_calls(x: Inputs, k: int):
     """k products (B T x d) x (d x B R) into one preallocated output."""
     w = x.words.detach().reshape(-1, x.words.shape[-1])
@@ -169,140 +142,50 @@ def _gemm_calls(x: Inputs, k: int):
     return gemms
 
 
-@dataclass
-class Row:
-    provider: str
-    mode: str
-    status: str
-    result: Optional[common.Measurement] = None
-    note: str = ""
-
-    def __post_init__(self):
-        self.timestamp, self.loadavg = common.timestamp(), common.load_average()
-
-
-def _failed(provider: str, mode: str, err: BaseException) -> Row:
-    oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-    first_line = (str(err).splitlines() or [""])[0][:200]
-    return Row(provider, mode, "oom" if oom else "error", note=f"{type(err).__name__}: {first_line}")
-
-
-def run_provider(provider: Provider, x: Inputs, modes, device, policy):
-    """Yields one Row per mode as soon as it is measured."""
-    for mode in modes:
-        setup, call = _mode_calls(provider.loss, x, mode)
-        try:
-            row = Row(provider.name, mode, "ok",
-                      common.measure(call, setup=setup, device=device, policy=policy))
-        except Exception as err:  # noqa: BLE001 - report and go on with the other providers
-            row = _failed(provider.name, mode, err)
-        finally:
-            for p in x.params():
-                p.grad = None
-        yield row
-
-
-def run_gemm_baseline(x: Inputs, modes, device, policy):
-    for mode in modes:
-        k = GEMMS_PER_MODE[mode]
-        try:
-            yield Row(f"{k}mm", mode, "ok", common.measure(_gemm_calls(x, k), device=device,
-                                                           policy=policy))
-        except Exception as err:  # noqa: BLE001
-            yield _failed(f"{k}mm", mode, err)
-
-
 # ---------------------------------------------------------------- reporting
 HEADER = (f"{'B':>5} {'provider':<16} {'mode':<4} {'median ms':>10} {'p20-p80 ms':>19} "
           f"{'reps':>4} {'extra MB':>9} {'x mm':>6} {'speedup':>7} {'mem/ref':>7}  note")
 
 
-def _cell(value, fmt):
-    return format(value, fmt) if value is not None else "-"
-
-
 def print_row(n, row: dict):
-    if row["status"] != "ok":
-        print(f"{n:>5} {row['provider']:<16} {row['mode']:<4} {row['status'].upper():>10}"
-              f"  {row['note']}", flush=True)
-        return
-    spread = f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}"
-    print(f"{n:>5} {row['provider']:<16} {row['mode']:<4} {row['median_ms']:>10.1f} "
-          f"{spread:>19} {row['reps']:>4} {_cell(row['peak_extra_mb'], '9.1f')} "
-          f"{_cell(row['ratio_to_4mm'], '6.2f')} {_cell(row['speedup_vs_reference'], '7.2f')} "
-          f"{_cell(row['memory_vs_reference'], '7.3f')}  {row['note']}", flush=True)
+    sweeps.print_table_row(f"{n:>5} {row['provider']:<16} {row['mode']:<4}", row,
+                           [("ratio_to_4mm", "6.2f"), ("speedup_vs_reference", "7.2f"),
+                            ("memory_vs_reference", "7.3f")])
 
 
-def to_csv_row(row: Row, meta: dict, case: dict, baselines: dict) -> dict:
-    out = dict(meta, **case, timestamp=row.timestamp, loadavg=row.loadavg, provider=row.provider,
-               mode=row.mode, status=row.status, note=row.note,
-               baseline=f"{GEMMS_PER_MODE[row.mode]}mm")
-    res = row.result
-    if res is None:
-        return out
-    gemm, ref = baselines.get(("gemm", row.mode)), baselines.get(("ref", row.mode))
-    ref_mb = baselines.get(("ref_mb", row.mode))
-    mb = res.peak_extra_mb
-    out.update(median_ms=res.median_ms, p20_ms=res.p20_ms, p80_ms=res.p80_ms, reps=res.reps,
-               peak_extra_mb=mb, loss=res.result, baseline_ms=gemm,
-               ratio_to_4mm=res.median_ms / gemm if gemm else None,
-               speedup_vs_reference=ref / res.median_ms if ref else None,
-               memory_vs_reference=mb / ref_mb if ref_mb and mb is not None else None)
+def to_csv_row(row: sweeps.Row, meta: dict, case: dict, baselines: sweeps.Baselines) -> dict:
+    out = sweeps.csv_row(row, meta, case, baseline=GEMM.name(row.mode))
+    if row.result is not None:
+        out.update(loss=row.result.result, baseline_ms=baselines.gemm_ms.get(row.mode),
+                   ratio_to_4mm=baselines.ratio_to_gemm(row),
+                   speedup_vs_reference=baselines.speedup(row),
+                   memory_vs_reference=baselines.memory_ratio(row))
     return out
-
-
-def _loss_check(row: Row, ref_loss: Optional[float]) -> None:
-    """Flag a provider whose loss differs from the reference's (they must compute the same)."""
-    value = row.result.result if row.result is not None else None
-    if value is None or ref_loss is None or row.provider == "reference":
-        return
-    if not math.isclose(value, ref_loss, rel_tol=2e-3, abs_tol=1e-3):
-        row.note = (row.note + f" LOSS MISMATCH {value:.6g} vs reference {ref_loss:.6g}").strip()
 
 
 # ---------------------------------------------------------------- the sweep
 def select_providers(requested: Optional[list], device, dtype, r: int) -> list:
-    every = providers()
-    names = requested or list(every)
-    unknown = [p for p in names if p not in every and not p.endswith("mm")]
-    if unknown:
-        raise SystemExit(f"unknown providers: {unknown}; choose from {list(every)}")
-    chosen = []
-    for name in names:
-        if name.endswith("mm"):
-            continue  # the GEMM baseline always runs
-        why = every[name].reason(device, dtype, r)
-        if why:
-            print(f"# skip {name}: {why}", flush=True)
-        else:
-            chosen.append(every[name])
-    # The reference runs first so that every later row can print its ratios.
-    return sorted(chosen, key=lambda p: p.name != "reference")
-
-
-def _memory_skip(need: int, device) -> Optional[str]:
-    free = common.available_memory_bytes(device)
-    if need <= MEMORY_SHARE * free:
-        return None
-    return (f"estimated peak {need / common.MB:.0f} MB > {MEMORY_SHARE:.0%} of available "
-            f"{free / common.MB:.0f} MB")
+    """The reference first (so that every later row can print its ratios)."""
+    return sweeps.select_providers(providers(), requested, lambda p: p.reason(device, dtype, r),
+                                   "reference")
 
 
 def _rows_of_size(x: Inputs, args, device, dtype, chosen):
     n = x.mask.shape[0]
     product = n * args.words * n * args.regions * (torch.finfo(dtype).bits // 8)
-    why = _memory_skip(product, device)
+    why = sweeps.memory_skip(product, device)
     if why:
-        yield from (Row(f"{GEMMS_PER_MODE[m]}mm", m, "skipped", note=why) for m in args.modes)
+        yield from (sweeps.Row(GEMM.name(m), m, "skipped", note=why) for m in args.modes)
     else:
-        yield from run_gemm_baseline(x, args.modes, device, args.policy)
+        yield from GEMM.rows(lambda k: _gemm_calls(x, k), args.modes, device, args.policy)
     for provider in chosen:
-        why = _memory_skip(estimated_bytes(provider, n, args.words, args.regions, args.dim, dtype),
-                           device)
+        why = sweeps.memory_skip(
+            estimated_bytes(provider, n, args.words, args.regions, args.dim, dtype), device)
         if why:
-            yield from (Row(provider.name, mode, "skipped", note=why) for mode in args.modes)
+            yield from sweeps.Row.skipped(provider.name, args.modes, why)
         else:
-            yield from run_provider(provider, x, args.modes, device, args.policy)
+            yield from sweeps.run_provider(provider.name, lambda: provider.loss(x), x.params(),
+                                           args.modes, device, args.policy)
 
 
 def run_size(n, args, device, dtype, chosen, meta) -> list:
@@ -310,24 +193,10 @@ def run_size(n, args, device, dtype, chosen, meta) -> list:
     x = setup_inputs(n, args.words, args.regions, args.dim, dtype, device, args.min_words)
     case = dict(op=OP, n=n, t=args.words, r=args.regions, d=args.dim, dtype=args.dtype,
                 valid_frac=float(x.mask.float().mean()))
-    baselines, ref_loss, out = {}, None, []
-    for row in _rows_of_size(x, args, device, dtype, chosen):
-        if row.status == "ok" and row.provider == f"{GEMMS_PER_MODE[row.mode]}mm":
-            baselines[("gemm", row.mode)] = row.result.median_ms
-        if row.status == "ok" and row.provider == "reference":
-            baselines[("ref", row.mode)] = row.result.median_ms
-            baselines[("ref_mb", row.mode)] = row.result.peak_extra_mb
-            ref_loss = row.result.result if row.result.result is not None else ref_loss
-        _loss_check(row, ref_loss)
-        csv_row = to_csv_row(row, meta, case, baselines)
-        print_row(n, csv_row)
-        common.append_rows(args.out, [csv_row], COLUMNS)
-        out.append(csv_row)
-    return out
-
-
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+    baselines = sweeps.Baselines("reference", GEMM.name)
+    rows = baselines.recorded(_rows_of_size(x, args, device, dtype, chosen), loss_abs_tol=1e-3)
+    return sweeps.report(rows, lambda row: to_csv_row(row, meta, case, baselines),
+                         lambda row: print_row(n, row), args.out, COLUMNS)
 
 
 def _judged(args, device) -> bool:
@@ -341,7 +210,7 @@ def _print_check(label, value, sign, target, unit, judged) -> None:
         print(f"  {label:<34} n/a (not measured)  target {sign} {target:g}{unit}", flush=True)
         return
     ok = value >= target if sign == ">=" else value <= target
-    verdict = _verdict(ok) if judged else "(not judged: not the target shape / device)"
+    verdict = sweeps.verdict(ok) if judged else "(not judged: not the target shape / device)"
     print(f"  {label:<34} {value:9.3f}{unit:<3}  target {sign} {target:g}{unit}  {verdict}",
           flush=True)
 
@@ -356,31 +225,19 @@ def print_summary(rows: list, args, device, dtype) -> None:
           f"d={args.dim} {args.dtype} full on {device.type}, valid words "
           f"{'all' if args.min_words is None else f'>= {args.min_words} per caption'}; "
           f"load average {common.load_average()}", flush=True)
-    row = full.get(TARGET["n"])
-    if row is None:
-        print(f"  no full-mode measurement of {backend} at B={TARGET['n']}", flush=True)
-    else:
-        _print_check(f"B={TARGET['n']} speedup vs reference", row["speedup_vs_reference"], ">=",
-                     TARGET["speedup"], "x", judged)
-        _print_check(f"B={TARGET['n']} extra memory / reference's", row["memory_vs_reference"],
-                     "<=", TARGET["memory_ratio"], "x", judged)
-    big = full.get(TARGET["big_n"])
-    if big is None:
-        print(f"  no full-mode measurement of {backend} at B={TARGET['big_n']}", flush=True)
-    else:
-        _print_check(f"B={TARGET['big_n']} extra peak memory", big["peak_extra_mb"], "<=",
-                     TARGET["big_extra_mb"], " MB", judged)
+    for n, checks in CHECKS:
+        row = full.get(n)
+        if row is None:
+            print(f"  no full-mode measurement of {backend} at B={n}", flush=True)
+            continue
+        for label, column, sign, target, unit in checks:
+            _print_check(f"B={n} {label}", row[column], sign, TARGET[target], unit, judged)
 
 
 # ---------------------------------------------------------------- command line
-def _csv_list(text: str, cast=str) -> list:
-    return [cast(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=lambda s: _csv_list(s, int), default=None,
+    p = sweeps.argument_parser(__doc__)
+    p.add_argument("--sizes", type=lambda s: sweeps.csv_list(s, int), default=None,
                    help="batch sizes B (default 8,64,256; --quick: 8,64)")
     p.add_argument("--words", type=int, default=17, help="T, tokens per caption")
     p.add_argument("--regions", type=int, default=256, help="R, regions per image")
@@ -388,11 +245,9 @@ def parse_args(argv=None):
     p.add_argument("--min-words", type=int, default=8,
                    help="captions have between this many and T real tokens")
     p.add_argument("--full-mask", action="store_true", help="every token real (no padding)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--modes", type=_csv_list, default=None,
-                   help="comma list of fwd,bwd,full (default all three; --quick: full)")
-    p.add_argument("--providers", type=_csv_list, default=None,
+    sweeps.add_device_args(p)
+    sweeps.add_modes_arg(p)
+    p.add_argument("--providers", type=sweeps.csv_list, default=None,
                    help="comma list (default: every available one); the GEMM baseline always runs")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--reps", type=int, default=None, help="maximum timed repetitions (default 10)")
@@ -400,14 +255,10 @@ def parse_args(argv=None):
                    help="seconds per (size, provider, mode) that set the repetitions (default 20)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="cap on the wall time of one (size, provider, mode) (default 60)")
-    p.add_argument("--quick", action="store_true",
-                   help="B = 8, 64, full mode, few repetitions (a few minutes)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    sweeps.add_output_args(p, "B = 8, 64, full mode, few repetitions (a few minutes)",
+                           DEFAULT_OUT)
     args = p.parse_args(argv)
-    args.modes = args.modes or (["full"] if args.quick else list(MODES))
-    bad = [m for m in args.modes if m not in MODES]
-    if bad:
-        p.error(f"unknown modes {bad}; choose from {list(MODES)}")
+    args.modes = sweeps.resolve_modes(p, args.modes, ["full"] if args.quick else list(sweeps.MODES))
     args.sizes = args.sizes or ([8, 64] if args.quick else [8, 64, 256])
     if args.full_mask:
         args.min_words = None
@@ -419,29 +270,21 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch.cuda is not available on this machine", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    meta = common.run_metadata(device)
-    print(f"# {OP}: B in {args.sizes}, T={args.words} R={args.regions} d={args.dim} {args.dtype}, "
-          f"modes {args.modes}, device {meta['device']}, {meta['machine']}, torch "
-          f"{meta['torch']}, {meta['threads']} threads, commit {meta['commit']}, load average "
-          f"{common.load_average()}", flush=True)
+def sweep(args, device, dtype, meta) -> None:
+    """Every batch size of the command line, then the verdicts."""
+    sweeps.print_run_header(f"{OP}: B in {args.sizes}, T={args.words} R={args.regions} "
+                            f"d={args.dim} {args.dtype}, modes {args.modes}", meta)
     print(f"# reps: {args.policy}", flush=True)
     chosen = select_providers(args.providers, device, dtype, args.regions)
-    print(f"# providers: {[p.name for p in chosen]} + GEMM baseline; results -> {args.out}",
-          flush=True)
-    print(HEADER, flush=True)
+    sweeps.print_table_start([p.name for p in chosen], args.out, HEADER)
     rows = []
     for n in args.sizes:
         rows += run_size(n, args, device, dtype, chosen, meta)
     print_summary(rows, args, device, dtype)
-    return 0
+
+
+def main(argv=None) -> int:
+    return sweeps.run_main(parse_args(argv), sweep)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ import fastxmc.models.generator as generator_module
 import fastxmc.models.modulation as modulation_module
 import fastxmc.train.losses as losses_module
 from benchmarks import common
+from benchmarks import sweep as sweeps
 from fastxmc.data.loader import build_loader
 from fastxmc.models.discriminator import DiscriminatorOutput
 from fastxmc.ops.infonce import registry as info_nce_registry
@@ -600,10 +601,6 @@ def print_run(rows: list) -> None:
         print("    ops ms: " + ", ".join(ops), flush=True)
 
 
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def data_wait_verdict(rows: list) -> None:
     """Data wait share of the shapes preset with the default data backend (fused provider)."""
     default = [r for r in rows if r["section"] == "train_step" and r["config"] == "shapes"
@@ -613,7 +610,7 @@ def data_wait_verdict(rows: list) -> None:
         cores = len(os.sched_getaffinity(0))
         print(f"verdict data wait (shapes, {row['data_backend']}, {cores} cores): "
               f"{row['share']:.1%} of the step (median {row['median_ms']:.1f} ms per step)  "
-              f"target <= {DATA_WAIT_TARGET:.0%}  {_verdict(ok)}", flush=True)
+              f"target <= {DATA_WAIT_TARGET:.0%}  {sweeps.verdict(ok)}", flush=True)
     if not default:
         print("verdict data wait: the shapes config was not run", flush=True)
 
@@ -633,8 +630,8 @@ def fused_verdicts(rows: list, tolerance: float) -> None:
         ok = row["ratio_to_baseline"] <= 1.0 + tolerance
         print(f"verdict fused vs reference {row['config']:<8} {what:<32} "
               f"{row['median_ms']:9.2f} ms vs {row['baseline_ms']:9.2f} ms = "
-              f"{row['ratio_to_baseline']:.3f}x  target <= {1 + tolerance:.2f}x  {_verdict(ok)}",
-              flush=True)
+              f"{row['ratio_to_baseline']:.3f}x  target <= {1 + tolerance:.2f}x  "
+              f"{sweeps.verdict(ok)}", flush=True)
 
 
 def _backends_differ(row: dict) -> bool:

@@ -24,7 +24,6 @@ at the shapes preset: PASS/FAIL per batch size.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from benchmarks import common
+from benchmarks import sweep as sweeps
 from fastxmc.ops import word_attention
 from fastxmc.ops.registry import Request
 from fastxmc.ops.word_attention import registry
@@ -43,8 +43,8 @@ COLUMNS = ["timestamp", "run_id", "commit", "machine", "device", "torch", "pytho
            "loadavg", "op", "case", "provider", "mode", "b", "r", "t", "d", "dtype", "median_ms",
            "p20_ms", "p80_ms", "reps", "peak_extra_mb", "baseline", "baseline_ms",
            "ratio_to_gemm", "speedup_vs_reference", "checksum", "status", "note"]
-MODES = ("fwd", "bwd", "full")
-GEMMS_PER_MODE = {"fwd": 2, "bwd": 4, "full": 6}
+# k batched products (B, R, d) x (B, d, T) per mode.
+GEMM = sweeps.GemmBaseline({"fwd": 2, "bwd": 4, "full": 6}, unit="bmm")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (tokens T, feature size d, batch sizes) per case.
 CASES = {"generator": (17, 768, [8, 16, 32, 56]), "shapes": (24, 384, [16, 32]),
@@ -109,31 +109,6 @@ def default_backend(device, dtype) -> str:
 
 
 # ---------------------------------------------------------------- one measurement
-def _mode_calls(fn: Callable, x: Inputs, mode: str):
-    """(setup, timed call) for ``mode``; gradients are cleared before every call."""
-    def clear():
-        for p in x.params():
-            p.grad = None
-
-    def forward(_):
-        return fn(x)
-
-    def with_forward():
-        clear()
-        return fn(x)
-
-    def full(_):
-        out = fn(x)
-        out.backward(x.grad)
-        return out.detach()
-
-    if mode == "fwd":
-        return clear, forward
-    if mode == "bwd":
-        return with_forward, lambda out: out.backward(x.grad)
-    return clear, full
-
-
 def _gemm_calls(x: Inputs, k: int):
     q, w = x.queries.detach(), x.words.detach()
     out = torch.empty(q.shape[0], q.shape[1], w.shape[1], device=q.device, dtype=q.dtype)
@@ -144,54 +119,16 @@ def _gemm_calls(x: Inputs, k: int):
     return gemms
 
 
-def _checksum(out) -> Optional[float]:
+def _checksum(provider: Provider, x: Inputs) -> float:
     """A scalar of the context, to check that every provider computes the same thing."""
-    return float(out.double().square().sum()) if isinstance(out, torch.Tensor) else None
-
-
-@dataclass
-class Row:
-    provider: str
-    mode: str
-    status: str
-    result: Optional[common.Measurement] = None
-    checksum: Optional[float] = None
-    note: str = ""
-
-    def __post_init__(self):
-        self.timestamp, self.loadavg = common.timestamp(), common.load_average()
-
-
-def _failed(provider: str, mode: str, err: BaseException) -> Row:
-    oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-    first_line = (str(err).splitlines() or [""])[0][:200]
-    return Row(provider, mode, "oom" if oom else "error",
-               note=f"{type(err).__name__}: {first_line}")
+    with torch.no_grad():
+        return float(provider.fn(x).double().square().sum())
 
 
 def measure_provider(provider: Provider, x: Inputs, modes, device, policy):
-    for mode in modes:
-        try:
-            setup, call = _mode_calls(provider.fn, x, mode)
-            res = common.measure(call, setup=setup, device=device, policy=policy)
-            with torch.no_grad():
-                check = _checksum(provider.fn(x)) if mode == "fwd" else None
-            yield Row(provider.name, mode, "ok", res, check)
-        except Exception as err:  # noqa: BLE001 - report and go on with the other providers
-            yield _failed(provider.name, mode, err)
-        finally:
-            for p in x.params():
-                p.grad = None
-
-
-def measure_gemms(x: Inputs, modes, device, policy):
-    for mode in modes:
-        k = GEMMS_PER_MODE[mode]
-        try:
-            yield Row(f"{k}bmm", mode, "ok",
-                      common.measure(_gemm_calls(x, k), device=device, policy=policy))
-        except Exception as err:  # noqa: BLE001
-            yield _failed(f"{k}bmm", mode, err)
+    """One Row per mode; the fwd row carries the checksum of the context."""
+    return sweeps.run_provider(provider.name, lambda: provider.fn(x), x.params(), modes, device,
+                               policy, upstream=x.grad, checksum=lambda: _checksum(provider, x))
 
 
 # ---------------------------------------------------------------- reporting
@@ -199,37 +136,22 @@ HEADER = (f"{'case':<9} {'B':>3} {'provider':<16} {'mode':<4} {'median ms':>10} 
           f"{'reps':>4} {'extra MB':>9} {'x bmm':>6} {'speedup':>7}  note")
 
 
-def _cell(value, fmt):
-    return format(value, fmt) if value is not None else "-"
-
-
 def print_row(row: dict) -> None:
-    head = f"{row['case']:<9} {row['b']:>3} {row['provider']:<16} {row['mode']:<4}"
-    if row["status"] != "ok":
-        print(f"{head} {row['status'].upper():>10}  {row['note']}", flush=True)
-        return
-    spread = f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}"
-    print(f"{head} {row['median_ms']:>10.2f} {spread:>15} {row['reps']:>4} "
-          f"{_cell(row['peak_extra_mb'], '9.1f')} {_cell(row['ratio_to_gemm'], '6.2f')} "
-          f"{_cell(row['speedup_vs_reference'], '7.2f')}  {row['note']}", flush=True)
+    sweeps.print_table_row(f"{row['case']:<9} {row['b']:>3} {row['provider']:<16} {row['mode']:<4}",
+                           row, [("ratio_to_gemm", "6.2f"), ("speedup_vs_reference", "7.2f")],
+                           median_fmt=">10.2f", spread_width=15)
 
 
-def to_csv_row(row: Row, meta: dict, case: dict, baselines: dict) -> dict:
-    out = dict(meta, **case, timestamp=row.timestamp, loadavg=row.loadavg, provider=row.provider,
-               mode=row.mode, status=row.status, note=row.note, checksum=row.checksum,
-               baseline=f"{GEMMS_PER_MODE[row.mode]}bmm")
-    res = row.result
-    if res is None:
-        return out
-    gemm, ref = baselines.get(("gemm", row.mode)), baselines.get(("ref", row.mode))
-    out.update(median_ms=res.median_ms, p20_ms=res.p20_ms, p80_ms=res.p80_ms, reps=res.reps,
-               peak_extra_mb=res.peak_extra_mb, baseline_ms=gemm,
-               ratio_to_gemm=res.median_ms / gemm if gemm else None,
-               speedup_vs_reference=ref / res.median_ms if ref else None)
+def to_csv_row(row: sweeps.Row, meta: dict, case: dict, baselines: sweeps.Baselines) -> dict:
+    out = sweeps.csv_row(row, meta, case, checksum=row.checksum, baseline=GEMM.name(row.mode))
+    if row.result is not None:
+        out.update(baseline_ms=baselines.gemm_ms.get(row.mode),
+                   ratio_to_gemm=baselines.ratio_to_gemm(row),
+                   speedup_vs_reference=baselines.speedup(row))
     return out
 
 
-def _check_against_reference(row: Row, ref_checksum: Optional[float]) -> None:
+def _check_against_reference(row: sweeps.Row, ref_checksum: Optional[float]) -> None:
     if row.checksum is None or ref_checksum is None or row.provider == "reference":
         return
     if abs(row.checksum - ref_checksum) > 1e-3 * abs(ref_checksum) + 1e-6:
@@ -243,24 +165,19 @@ def run_point(case_name: str, b: int, t: int, d: int, args, device, dtype, chose
     case = dict(op="word_attention", case=case_name, b=b, r=args.regions, t=t, d=d,
                 dtype=args.dtype)
     x = setup_inputs(b, args.regions, t, d, dtype, device)
-    rows = list(measure_gemms(x, args.modes, device, args.policy))
-    baselines, ref_checksum, out = {}, None, []
-    for row in rows:
-        if row.status == "ok":
-            baselines[("gemm", row.mode)] = row.result.median_ms
+    rows = list(GEMM.rows(lambda k: _gemm_calls(x, k), args.modes, device, args.policy))
+    ref_checksum = None
     for provider in chosen:
         for row in measure_provider(provider, x, args.modes, device, args.policy):
             if row.status == "ok" and row.provider == "reference":
-                baselines[("ref", row.mode)] = row.result.median_ms
                 ref_checksum = row.checksum if row.checksum is not None else ref_checksum
             _check_against_reference(row, ref_checksum)
             rows.append(row)
-    for row in rows:
-        csv_row = to_csv_row(row, meta, case, baselines)
-        print_row(csv_row)
-        out.append(csv_row)
-    common.append_rows(args.out, out, COLUMNS)
-    return out
+    # Every row is printed after the whole point is measured, with its ratios to both baselines.
+    baselines = sweeps.Baselines("reference", GEMM.name)
+    rows = list(baselines.recorded(rows))
+    return sweeps.report(rows, lambda row: to_csv_row(row, meta, case, baselines), print_row,
+                         args.out, COLUMNS)
 
 
 def print_verdicts(rows: list, args, device, dtype) -> None:
@@ -278,48 +195,37 @@ def print_verdicts(rows: list, args, device, dtype) -> None:
                 print(f"  {case_name:<9} B={row['b']:<3} n/a (reference not measured)")
                 continue
             in_scope = judged and row["b"] >= min_b
-            verdict = ("PASS" if value >= speedup else "FAIL") if in_scope else "(not judged)"
-            extra = _cell(row["peak_extra_mb"], ".1f")
+            verdict = sweeps.verdict(value >= speedup) if in_scope else "(not judged)"
+            extra = sweeps.cell(row["peak_extra_mb"], ".1f")
             print(f"  {case_name:<9} B={row['b']:<3} T={row['t']:<3} d={row['d']:<4} speedup "
                   f"{value:6.2f}x (target >= {speedup:g}x)  extra MB {extra}  {verdict}",
                   flush=True)
 
 
 # ---------------------------------------------------------------- command line
-def _csv_list(text: str, cast=str) -> list:
-    return [cast(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", type=_csv_list, default=None,
+    p = sweeps.argument_parser(__doc__)
+    p.add_argument("--cases", type=sweeps.csv_list, default=None,
                    help=f"comma list of {list(CASES)} (default generator,shapes)")
-    p.add_argument("--batches", type=lambda s: _csv_list(s, int), default=None,
+    p.add_argument("--batches", type=lambda s: sweeps.csv_list(s, int), default=None,
                    help="batch sizes for every case (default: each case's own; --quick: 16)")
     p.add_argument("--regions", type=int, default=256, help="R (default 256 = 16x16)")
     p.add_argument("--dim", type=int, default=None, help="d for every case (default: each case's)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--modes", type=_csv_list, default=None,
-                   help="comma list of fwd,bwd,full (default all three; --quick: full)")
-    p.add_argument("--providers", type=_csv_list, default=None,
+    sweeps.add_device_args(p, DTYPES)
+    sweeps.add_modes_arg(p)
+    p.add_argument("--providers", type=sweeps.csv_list, default=None,
                    help="comma list (default: every available one); the GEMM baseline always runs")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--reps", type=int, default=None, help="maximum timed repetitions (default 20)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per (shape, provider, mode) that set the repetitions (default 10)")
-    p.add_argument("--quick", action="store_true", help="B = 16, full mode, few repetitions")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    sweeps.add_output_args(p, "B = 16, full mode, few repetitions", DEFAULT_OUT)
     args = p.parse_args(argv)
     args.cases = args.cases or ["generator", "shapes"]
     bad = [c for c in args.cases if c not in CASES]
     if bad:
         p.error(f"unknown cases {bad}; choose from {list(CASES)}")
-    args.modes = args.modes or (["full"] if args.quick else list(MODES))
-    bad = [m for m in args.modes if m not in MODES]
-    if bad:
-        p.error(f"unknown modes {bad}; choose from {list(MODES)}")
+    args.modes = sweeps.resolve_modes(p, args.modes, ["full"] if args.quick else list(sweeps.MODES))
     if args.quick and args.batches is None:
         args.batches = [16]
     args.policy = common.RepPolicy(warmup=1, min_reps=2 if args.quick else 5,
@@ -329,23 +235,12 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch.cuda is not available on this machine", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    meta = common.run_metadata(device)
-    print(f"# word_attention: cases {args.cases}, R={args.regions}, {args.dtype}, modes "
-          f"{args.modes}, device {meta['device']}, {meta['machine']}, torch {meta['torch']}, "
-          f"{meta['threads']} threads, commit {meta['commit']}, load average "
-          f"{common.load_average()}", flush=True)
+def sweep(args, device, dtype, meta) -> None:
+    """Every case and batch size of the command line, then the verdicts."""
+    sweeps.print_run_header(f"word_attention: cases {args.cases}, R={args.regions}, "
+                            f"{args.dtype}, modes {args.modes}", meta)
     chosen = providers(device, dtype, args.providers)
-    print(f"# providers: {[p.name for p in chosen]} + GEMM baseline; results -> {args.out}",
-          flush=True)
-    print(HEADER, flush=True)
+    sweeps.print_table_start([p.name for p in chosen], args.out, HEADER)
     rows = []
     for case_name in args.cases:
         t, d, batches = CASES[case_name]
@@ -353,7 +248,10 @@ def main(argv=None) -> int:
         for b in args.batches or batches:
             rows += run_point(case_name, b, t, d, args, device, dtype, chosen, meta)
     print_verdicts(rows, args, device, dtype)
-    return 0
+
+
+def main(argv=None) -> int:
+    return sweeps.run_main(parse_args(argv), sweep, DTYPES)
 
 
 if __name__ == "__main__":

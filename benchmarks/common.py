@@ -1,4 +1,6 @@
-"""Helpers shared by the benchmark programs (``benchmarks/bench_<op>.py``).
+"""Measurement primitives shared by the benchmark programs (``benchmarks/bench_<op>.py``): timing,
+peak memory, run metadata, the results CSV and its plots. Comparing providers over a sweep of
+sizes, built on these, is :mod:`benchmarks.sweep`.
 
 - :func:`measure`: warmup, adaptive repetitions, median and quantiles, and the peak *extra* memory
   of the timed call (CUDA: the caching allocator's peak; CPU: the process RSS high-water mark,
