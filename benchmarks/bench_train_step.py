@@ -294,7 +294,7 @@ def train_step(run: loop.Run, stream, timeline: Timeline) -> tuple:
     bad = loop.non_finite_terms(fw, d_only)
     if bad:
         raise NonFiniteStep(f"non-finite loss terms {bad}")
-    loop.joint_update(run, fw)
+    loop.joint_update(run, fw, 1)
     return timeline.end_step()
 
 

@@ -149,3 +149,40 @@ def test_progress_lines_without_a_terminal(tmp_path, monkeypatch, capsys):
     quiet.print_progress(2, {"loss_d": 1.25})
     quiet.close()
     assert capsys.readouterr().err == ""
+
+
+def test_standing_statistics_are_the_mean_over_batches():
+    """recompute_bn_statistics: running mean/var = the average of the per-batch statistics (torch BN
+    and the generator's modulated BN), momenta restored, eval mode after."""
+    from fastxmc.models import Generator
+    from fastxmc.train.ema import recompute_bn_statistics
+
+    torch.manual_seed(0)
+    ema = make_ema(_TinyG())
+    batches = [(torch.randn(5, 3) * (i + 1) + i,) for i in range(3)]
+    assert recompute_bn_statistics(ema, batches) == 3
+    outs = [ema.lin(x) for (x,) in batches]
+    torch.testing.assert_close(ema.bn.running_mean, torch.stack([o.mean(0) for o in outs]).mean(0))
+    torch.testing.assert_close(ema.bn.running_var, torch.stack([o.var(0) for o in outs]).mean(0))
+    assert not ema.training and ema.bn.momentum == 0.1
+
+    g = Generator(resolution=32, text_dim=8, z_dim=4, width=2).eval()
+    inputs = [(torch.randn(4, 4), torch.randn(4, 8), torch.randn(4, 3, 8), torch.ones(4, 3, dtype=torch.bool))
+              for _ in range(2)]
+    recompute_bn_statistics(g, inputs)
+    stats = [m for m in g.modules() if hasattr(m, "running_mean") and hasattr(m, "momentum")]
+    assert stats and all(m.momentum == 0.1 for m in stats) and not g.training
+    first = stats[0]  # the first block's input: the stem output, whose batch stats we can compute
+    h = [g.stem(z).view(4, -1, 4, 4) for z, *_ in inputs]
+    torch.testing.assert_close(first.running_mean, torch.stack([x.mean((0, 2, 3)) for x in h]).mean(0))
+    with pytest.raises(ValueError, match="at least one batch"):
+        recompute_bn_statistics(g, [])
+
+
+def test_ema_warmup_follows_tensorflows_num_updates_rule():
+    from fastxmc.train.ema import ema_decay_at
+
+    assert ema_decay_at(0.995, 1, warmup=False) == 0.995
+    assert ema_decay_at(0.995, 1, warmup=True) == pytest.approx(2 / 11)
+    assert ema_decay_at(0.995, 90, warmup=True) == pytest.approx(91 / 100)
+    assert ema_decay_at(0.995, 10_000, warmup=True) == 0.995

@@ -129,7 +129,7 @@ def test_joint_step_keeps_the_two_gradients_apart(tmp_path, cache):
     want_d = torch.autograd.grad(fw.loss_d, d_params, retain_graph=True)
     want_g = torch.autograd.grad(fw.loss_g, g_params, retain_graph=True)
     before = [p.detach().clone() for p in d_params]
-    loop.joint_update(run, fw)
+    loop.joint_update(run, fw, 1)
     for p, g in zip(d_params, want_d):
         torch.testing.assert_close(p.grad, g)  # L_G did not leak into D's gradients
     for p, g in zip(g_params, want_g):
@@ -250,3 +250,34 @@ def test_torchrun_two_processes(tmp_path, cache):
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
     assert state["world_size"] == 2 and len(state["rng"]["z"]) == 2
     assert not torch.equal(state["rng"]["z"][0], state["rng"]["z"][1])  # each rank its own noise
+
+
+def test_standing_statistics_and_ema_warmup_in_a_run(tmp_path):
+    """optim.ema_bn_batches: the checkpoint's G_ema statistics are recomputed (no longer the live
+    G's copy) and equal a direct recomputation; optim.ema_warmup: G_ema follows G early."""
+    from fastxmc.models import Generator
+    from fastxmc.train.config import generator_kwargs
+    from fastxmc.train.ema import recompute_bn_statistics
+
+    base = ("run.steps", "2"), ("optim.ema_warmup", "true")
+    plain = loop.train(tiny(tmp_path / "plain", *base))
+    standing = loop.train(tiny(tmp_path / "standing", *base, ("optim.ema_bn_batches", "2")))
+    a, b = (ckpt.load_checkpoint(r.checkpoint) for r in (plain, standing))
+    for key in a["G"]:  # the statistics never feed back into training
+        torch.testing.assert_close(a["G"][key], b["G"][key])
+    stat_keys = [k for k in a["G_ema"] if k.endswith("running_mean")]
+    assert stat_keys and all(torch.equal(a["G_ema"][k], a["G"][k]) for k in stat_keys)  # copied
+    assert not any(torch.equal(b["G_ema"][k], b["G"][k]) for k in stat_keys)           # recomputed
+    cfg = tiny(tmp_path / "standing", *base, ("optim.ema_bn_batches", "2"))
+    stats = loop.build_statistics_set(cfg, progress=False)
+    g = Generator(text_dim=b["text_dim"], **generator_kwargs(cfg))
+    g.load_state_dict(b["G_ema"])
+    size = cfg.run.batch_size
+    recompute_bn_statistics(g, [(stats.z[i:i + size], stats.sentence[i:i + size], stats.words[i:i + size],
+                                 stats.word_mask[i:i + size]) for i in range(0, 2 * size, size)])
+    for k in stat_keys:
+        torch.testing.assert_close(g.state_dict()[k], b["G_ema"][k])
+    # With warm-up the decays of steps 1 and 2 are 2/11 and 3/12: G_ema sits far closer to G than at 0.995.
+    distance = lambda s: sum((s["G_ema"][k] - s["G"][k]).abs().sum() for k in s["G"] if "running" not in k)  # noqa: E731
+    cold = ckpt.load_checkpoint(loop.train(tiny(tmp_path / "cold", ("run.steps", "2"))).checkpoint)
+    assert distance(a) < distance(cold)

@@ -2,6 +2,7 @@
 ``python -m fastxmc.train`` (:mod:`fastxmc.train.cli`)."""
 from __future__ import annotations
 
+import os
 import sys
 
 from fastxmc.pretrain.config import USAGE, config_for
@@ -11,7 +12,7 @@ from fastxmc.train.cli import run_command
 
 def _pretrain_and_report(cfg, *, resume: bool):
     result = pretrain(cfg, resume=resume)
-    if result.model_path is not None:
+    if result.model_path is not None and os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(f"wrote {result.model_path} (step {result.step})")
     return result
 

@@ -49,6 +49,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     d_steps_per_g_step: int = 2         # the last D step shares its forward pass with the G step
     ema_decay: float = 0.999            # G_ema, updated after every G step
+    ema_warmup: bool = False            # decay min(ema_decay, (1 + step) / (10 + step)) (TF's rule)
+    # 0: G_ema keeps the live G's BN statistics (copied at every update, as the reference code).
+    # N > 0: before every sample grid and checkpoint, G_ema's BN statistics are recomputed over N
+    # batches of fixed captions and noise ("standing statistics"; see fastxmc.train.ema).
+    ema_bn_batches: int = 0
 
 
 @dataclass
@@ -132,7 +137,8 @@ def preset_shapes() -> TrainConfig:
     200-step horizon): with the paper's 0.999, G_ema would still hold 0.999^2000 = 14% of the
     random initial weights at the end of so short a run."""
     cfg = TrainConfig(preset="shapes")
-    _set(cfg.data, shapes_train=5000)
+    # No horizontal flips: the captions name left and right.
+    _set(cfg.data, shapes_train=5000, flip=False)
     _set(cfg.model, z_dim=64, g_width=16, d_width=16)
     _set(cfg.optim, ema_decay=0.995)
     _set(cfg.run, out="runs/shapes", steps=2000, batch_size=8, log_every=10, sample_every=250,
@@ -288,6 +294,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
              "two numbers in [0, 1)", o.betas)
     _require(0 <= o.ema_decay <= 1, "optim.ema_decay", "in [0, 1]", o.ema_decay)
+    _require(isinstance(o.ema_bn_batches, int) and not isinstance(o.ema_bn_batches, bool)
+             and o.ema_bn_batches >= 0, "optim.ema_bn_batches", "an int >= 0", o.ema_bn_batches)
     if loss.supcon and not cfg.data.two_captions:
         raise ValueError("loss.supcon needs data.two_captions=true (the two caption branches)")
     return cfg

@@ -47,7 +47,7 @@ from fastxmc.train.config import (TrainConfig, config_to_dict, discriminator_kwa
                                   generator_kwargs, write_config)
 from fastxmc.train.distributed import (DistEnv, any_rank, barrier, gather_objects, init_distributed,
                                        parameter_fingerprint, shutdown, unwrap, wrap)
-from fastxmc.train.ema import make_ema, update_ema
+from fastxmc.train.ema import ema_decay_at, make_ema, recompute_bn_statistics, update_ema
 from fastxmc.train.logging import RunLogger, truncate_metrics
 from fastxmc.train.losses import FrozenClassifier, Text, Views, XMCLossSet, chunk_output, pair_labels
 from fastxmc.train import samples as grids
@@ -169,20 +169,43 @@ def make_loader(cfg: TrainConfig, env: DistEnv, progress: bool):
                         progress=progress)
 
 
-def build_sample_set(cfg: TrainConfig, progress: bool) -> grids.SampleSet:
-    """The fixed captions (first samples of the val split, else of train) and fixed z.
+def build_sample_set(cfg: TrainConfig, progress: bool, n: int | None = None,
+                     z_seed: int | None = None) -> grids.SampleSet:
+    """``n`` fixed captions (first samples of the val split, else of train; default
+    ``run.num_samples``) and fixed z (drawn from ``z_seed``, default the run's seed).
 
     Built on every rank (the loader synchronises ranks while it builds its caches)."""
     data = dataclasses.replace(cfg.data, two_captions=False, flip=False, workers=0)
-    n = cfg.run.num_samples
+    n = cfg.run.num_samples if n is None else n
+    z_seed = cfg.run.seed if z_seed is None else z_seed
     for split in ("val", "train"):
         try:
-            loader = build_loader(data, split=split, batch_size=n, shuffle=False, drop_last=False,
-                                  seed=cfg.run.seed, progress=progress)
+            loader = build_loader(data, split=split, batch_size=min(n, 256), shuffle=False,
+                                  drop_last=False, seed=cfg.run.seed, progress=progress)
         except FileNotFoundError:
             continue
-        return grids.sample_set_from_loader(loader, n, cfg.model.z_dim, cfg.run.seed)
+        return grids.sample_set_from_loader(loader, n, cfg.model.z_dim, z_seed)
     raise FileNotFoundError(f"no val or train split found for the sample grid of {cfg.data.dataset}")
+
+
+def build_statistics_set(cfg: TrainConfig, progress: bool) -> grids.SampleSet | None:
+    """The fixed inputs of G_ema's standing BN statistics (``optim.ema_bn_batches`` batches of
+    ``run.batch_size``), or None when G_ema keeps the live G's statistics."""
+    batches = cfg.optim.ema_bn_batches
+    if batches == 0:
+        return None
+    return build_sample_set(cfg, progress, n=batches * cfg.run.batch_size, z_seed=cfg.run.seed + 1)
+
+
+def refresh_ema_statistics(run: Run, stats: grids.SampleSet | None) -> None:
+    """Recompute G_ema's BN statistics over ``stats`` (every rank: they stay identical)."""
+    if stats is None:
+        return
+    size, device = run.cfg.run.batch_size, run.env.device
+    parts = [(stats.z[i:i + size].to(device), stats.sentence[i:i + size].to(device),
+              stats.words[i:i + size].to(device), stats.word_mask[i:i + size].to(device))
+             for i in range(0, len(stats.captions), size)]
+    recompute_bn_statistics(run.nets.G_ema, parts)
 
 
 def prepare_run_dir(cfg: TrainConfig, env: DistEnv, resume_step: int | None) -> Path:
@@ -335,8 +358,8 @@ def joint_forward(run: Run, batch: dict) -> JointForward:
     return JointForward(d_terms, g_terms, run.losses.total(d_terms), run.losses.total(g_terms))
 
 
-def joint_update(run: Run, fw: JointForward) -> None:
-    """Both gradients at the current parameters, then both Adam steps and the EMA."""
+def joint_update(run: Run, fw: JointForward, step: int) -> None:
+    """Both gradients at the current parameters, then both Adam steps and the EMA (G step ``step``)."""
     nets = run.nets
     nets.opt_D.zero_grad(set_to_none=True)
     nets.opt_G.zero_grad(set_to_none=True)
@@ -344,7 +367,8 @@ def joint_update(run: Run, fw: JointForward) -> None:
     fw.loss_g.backward(inputs=list(nets.g.parameters()))
     nets.opt_D.step()
     nets.opt_G.step()
-    update_ema(nets.G_ema, nets.g, run.cfg.optim.ema_decay)
+    o = run.cfg.optim
+    update_ema(nets.G_ema, nets.g, ema_decay_at(o.ema_decay, step, o.ema_warmup))
 
 
 def non_finite_terms(fw: JointForward, d_only: list) -> list:
@@ -458,6 +482,7 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
     run = Run(cfg, env, run_dir, loader, nets, build_losses(cfg, env, autocast), z_gen, autocast,
               loader.text_dim)
     samples = build_sample_set(cfg, progress)
+    statistics_set = build_statistics_set(cfg, progress)
     start = restore_state(state, run) if state is not None else 0
     del state
     wrap_networks(nets, cfg, env)
@@ -490,7 +515,7 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
                 raise NonFiniteLossError(
                     f"non-finite loss at step {step}: {where}. The run stopped without updating; "
                     f"the last good checkpoint is {kept if kept else '(none written yet)'}")
-            joint_update(run, fw)
+            joint_update(run, fw, step)
             # ---- metrics, samples, checkpoints
             last = step == r.steps or stop_now
             if due(step, r.log_every, last):
@@ -502,9 +527,12 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
                 meter.reset()
             else:
                 logger.advance(step)
-            if due(step, r.sample_every, last):
+            sample_now, save_now = due(step, r.sample_every, last), due(step, r.checkpoint_every, last)
+            if sample_now or save_now:
+                refresh_ema_statistics(run, statistics_set)
+            if sample_now:
                 write_samples(run, samples, logger, step)
-            if due(step, r.checkpoint_every, last):
+            if save_now:
                 last_ckpt = save(run, step)
             if stop_now:
                 status = "interrupted"
