@@ -1,4 +1,6 @@
 """The embedded shapes dataset (fastxmc.data.shapes) and the folder format (fastxmc.data.folder)."""
+import dataclasses
+import hashlib
 import json
 import os
 
@@ -249,3 +251,23 @@ def test_write_records_rejects_bad_records(tmp_path):
         write_records(tmp_path, [Record("b.png", ["x"])])
     assert not (tmp_path / "captions.jsonl").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_background_kinds_and_single_objects_are_configurable():
+    cfg = ShapesConfig(resolution=32, n_train=40, n_val=0, seed=5, max_objects=1, backgrounds=("gradient",))
+    samples = [generate_sample(sample_rng(cfg, "train", i), cfg) for i in range(40)]
+    assert {s.attributes["background"]["kind"] for s in samples} == {"gradient"}
+    assert all(len(s.attributes["objects"]) == 1 for s in samples)
+    # Every kind (the default) keeps the cache key datasets had before the option existed.
+    default = ShapesConfig(resolution=32, n_train=40, n_val=0, seed=5)
+    assert default.backgrounds == shapes.BACKGROUND_KINDS
+    fields = dataclasses.asdict(default)
+    del fields["backgrounds"]
+    before = json.dumps({"generator_version": shapes.GENERATOR_VERSION, **fields}, sort_keys=True)
+    assert shapes.config_hash(default) == hashlib.sha256(before.encode()).hexdigest()
+    assert shapes.config_hash(default) != shapes.config_hash(cfg)
+    assert shapes.config_hash(ShapesConfig(resolution=32, n_train=40, n_val=0, seed=5,
+                                           backgrounds=("gradient", "stripes"))) != shapes.config_hash(cfg)
+    for bad in ((), ("gradient", "gradient"), ("plaid",)):
+        with pytest.raises(ValueError, match="backgrounds must be distinct kinds"):
+            ShapesConfig(backgrounds=bad)

@@ -49,6 +49,8 @@ class DataConfig:
     shapes_train: int = 20000           # shapes dataset: images in the train split
     shapes_val: int = 1000              # shapes dataset: images in the val split
     shapes_seed: int = 0                # shapes dataset: generator seed
+    shapes_max_objects: int = 2         # shapes dataset: 1 or 2 objects per image
+    shapes_backgrounds: str = "gradient,stripes,checkered,speckled"  # shapes dataset: background kinds
     coco_year: str = "2014"             # coco: annotation/image folder year
     cub_bbox_crop: bool = False         # cub: crop to 1.5x the bird's bounding box (AttnGAN)
     ln_source: str = "coco"             # ln: narratives over "coco" or "open_images" images
@@ -81,6 +83,11 @@ class DataConfig:
                 raise TypeError(f"DataConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.dataset != "shapes" and self.path is None:
             raise ValueError(f"DataConfig.path is required for dataset={self.dataset!r} (the dataset root)")
+        if self.dataset == "shapes":
+            try:
+                self.shapes_config()
+            except ValueError as err:  # name the DataConfig fields, not ShapesConfig's
+                raise ValueError(f"DataConfig.shapes_max_objects / shapes_backgrounds: {err}") from None
         return self
 
     def resolved_max_tokens(self) -> int:
@@ -100,7 +107,8 @@ class DataConfig:
         """The :class:`fastxmc.data.shapes.ShapesConfig` of the shapes dataset (PNGs at ``resolution``)."""
         from fastxmc.data.shapes import ShapesConfig
         return ShapesConfig(resolution=self.resolution, n_train=self.shapes_train, n_val=self.shapes_val,
-                            seed=self.shapes_seed)
+                            seed=self.shapes_seed, max_objects=self.shapes_max_objects,
+                            backgrounds=tuple(k.strip() for k in self.shapes_backgrounds.split(",")))
 
     def to_dict(self) -> dict:
         return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)

@@ -117,6 +117,7 @@ class ShapesConfig:
     two_object_prob: float = 0.5    # probability of a second object when max_objects == 2
     n_captions: int = 5             # distinct captions per image
     supersample: int = 4            # antialiasing factor for the shapes
+    backgrounds: tuple = BACKGROUND_KINDS  # the background kinds drawn from (uniformly)
 
     def __post_init__(self):
         if not (16 <= self.resolution <= 1024):
@@ -131,6 +132,10 @@ class ShapesConfig:
             raise ValueError(f"n_captions must be in [1, 10], got {self.n_captions}")
         if not (1 <= self.supersample <= 8):
             raise ValueError(f"supersample must be in [1, 8], got {self.supersample}")
+        unknown = [k for k in self.backgrounds if k not in BACKGROUND_KINDS]
+        if not self.backgrounds or unknown or len(set(self.backgrounds)) != len(self.backgrounds):
+            raise ValueError(f"backgrounds must be distinct kinds out of {BACKGROUND_KINDS}, "
+                             f"got {self.backgrounds!r}")
 
     def split_sizes(self) -> dict:
         return {"train": self.n_train, "val": self.n_val}
@@ -361,7 +366,7 @@ def generate_sample(rng: np.random.Generator, cfg: ShapesConfig) -> Sample:
                         "row": row, "col": col,
                         "center": [round((col + 0.5) / 3 + jx, 4), round((row + 0.5) / 3 + jy, 4)],
                         "half_size": _HALF_SIZE[size]})
-    background = {"kind": BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))],
+    background = {"kind": cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))],
                   "color": BACKGROUND_COLORS[int(rng.integers(len(BACKGROUND_COLORS)))]}
 
     img = _background(rng, res, background["kind"], background["color"]).copy()
@@ -388,8 +393,10 @@ def generate_sample(rng: np.random.Generator, cfg: ShapesConfig) -> Sample:
 
 def config_hash(cfg: ShapesConfig) -> str:
     """sha256 of the config and :data:`GENERATOR_VERSION` (the cache key)."""
-    payload = json.dumps({"generator_version": GENERATOR_VERSION, **dataclasses.asdict(cfg)},
-                         sort_keys=True)
+    fields = dataclasses.asdict(cfg)
+    if cfg.backgrounds == BACKGROUND_KINDS:  # every kind: the key datasets had before the option
+        del fields["backgrounds"]
+    payload = json.dumps({"generator_version": GENERATOR_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

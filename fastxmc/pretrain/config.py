@@ -97,7 +97,7 @@ def dual_encoder_config(cfg: PretrainConfig, text_dim: int) -> DualEncoderConfig
 def preset_shapes() -> PretrainConfig:
     """The shapes dataset at 64px (5000 training images, as the train preset)."""
     cfg = PretrainConfig(preset="shapes")
-    _set(cfg.data, shapes_train=5000)
+    _set(cfg.data, shapes_train=5000, flip=False)  # the captions name left and right
     return cfg
 
 
