@@ -1,0 +1,103 @@
+"""python -m fastxmc.experiments ablation: commands, resume logic, verdicts, and a tiny end-to-end run."""
+import json
+import re
+
+import pytest
+
+from fastxmc.experiments import __main__ as cli
+from fastxmc.experiments import ablation as ab
+from fastxmc.experiments import report as rp
+
+
+def options(tmp_path, **kw):
+    return ab.AblationOptions(**{"out": str(tmp_path / "runs"), "report": str(tmp_path / "report.md"),
+                                 "preset": "tiny", "progress": False, **kw})
+
+
+def metrics(fid, rprec, attrs):
+    """An eval metrics.json as python -m fastxmc.eval writes it (the fields the report reads)."""
+    rows = {a: {"accuracy": v, "real_val_accuracy": 1.0, "chance": 0.25} for a, v in zip(ab.ATTRIBUTES, attrs)}
+    return {"fid_dual": fid, "kid_dual": {"mean": 0.01, "std": 0.001},
+            "r_precision": {"mean": rprec, "std": 0.01}, "attributes": {"n": 10, **rows}}
+
+
+def test_variants_differ_only_in_their_loss_terms(tmp_path):
+    opts = options(tmp_path, steps=7)
+    configs = {v: ab.train_config(opts, v) for v in ab.VARIANTS}
+    assert {c.run.steps for c in configs.values()} == {7}
+    assert configs["none"].loss.sentence_weight == configs["none"].loss.word_weight == 0.0
+    assert configs["none"].loss.image_weight == 0.0
+    assert configs["sentence"].loss.sentence_weight == 1.0 and configs["sentence"].loss.word_weight == 0.0
+    assert configs["sentence+word"].loss.word_weight == 1.0 and configs["sentence+word"].loss.image_weight == 0.0
+    assert configs["full"].loss.image_weight == 1.0 and not configs["full"].loss.supcon
+    assert configs["full+supcon"].loss.supcon and configs["full+supcon"].data.two_captions
+    for c in configs.values():  # everything else is the preset's
+        assert (c.model, c.optim, c.data.resolution) == (configs["full"].model, configs["full"].optim, 32)
+
+
+def test_train_command_resumes_only_a_started_run(tmp_path):
+    opts = options(tmp_path, steps=3, overrides=(("run.batch_size", "4"),))
+    args = ab.train_command(opts, "sentence")
+    assert args[1:3] == ["-m", "fastxmc.train"] and "--resume" not in args
+    assert "--run.batch_size=4" in args and "--loss.word_weight=0" in args and "--run.threads=1" in args
+    (ab.run_dir(opts, "sentence") / "checkpoints").mkdir(parents=True)
+    (ab.run_dir(opts, "sentence") / "checkpoints" / "ckpt-00000002.pt").write_bytes(b"")
+    assert "--resume" in ab.train_command(opts, "sentence")
+    assert not ab.finished(ab.run_dir(opts, "sentence"), 3)
+    assert ab.finished(ab.run_dir(opts, "sentence"), 2)
+
+
+def test_the_evaluator_gets_the_gan_runs_data(tmp_path):
+    opts = options(tmp_path, overrides=(("data.shapes_train", "100"),))
+    data = dict(ab.data_overrides_for_pretrain(opts))
+    assert data["data.shapes_train"] == "100"
+    assert "data.resolution" not in data  # both tiny presets use 32px already
+    args = ab.pretrain_command(opts)
+    assert "--data.shapes_train=100" in args and args[1:3] == ["-m", "fastxmc.pretrain"]
+
+
+def test_bad_options_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="--variants"):
+        options(tmp_path, variants=("full", "nope"))
+    with pytest.raises(ValueError, match="--jobs"):
+        options(tmp_path, jobs=0)
+    with pytest.raises(ValueError, match="loss.nonexistent"):
+        ab.run_ablation(options(tmp_path, overrides=(("loss.nonexistent", "1"),)))
+    assert cli.main(["ablation", "--preset", "tiny", "--variants", "bogus", "--quiet"]) == 2
+
+
+def test_verdicts_compare_full_with_the_baseline():
+    results = {"none": metrics(50.0, 0.10, (0.2, 0.2, 0.5, 0.1)),
+               "full": metrics(40.0, 0.30, (0.4, 0.6, 0.6, 0.3))}
+    rows = {name: (b, f, ok) for name, b, f, ok in rp.verdicts(results)}
+    assert rows["fid_dual"] == (50.0, 40.0, True)
+    assert rows["r_precision"] == (0.10, 0.30, True)
+    assert rows["attribute_accuracy"][2] is True
+    assert rows["attribute_accuracy"][1] == pytest.approx(0.475)
+    results["full"]["fid_dual"] = 60.0
+    assert {n: ok for n, _, _, ok in rp.verdicts(results)}["fid_dual"] is False
+    assert rp.verdicts({"full": results["full"]}) == []
+
+
+def test_a_failing_job_names_its_log(tmp_path):
+    job = ab.Job("broken", ["python3", "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "b.log", 1)
+    with pytest.raises(RuntimeError, match=r"broken failed \(exit 3\).*b\.log(.|\n)*boom"):
+        ab.run_jobs([job], 1, progress=False)
+
+
+def test_tiny_ablation_end_to_end(tmp_path, monkeypatch):
+    """Two variants of 2 steps each, a 2-step evaluator: every output is written, a rerun reuses."""
+    monkeypatch.setenv("FASTXMC_CACHE", str(tmp_path / "cache"))
+    opts = options(tmp_path, steps=2, dual_steps=2, variants=("none", "full"), eval_samples=16)
+    report = ab.run_ablation(opts)
+    text = report.read_text()
+    assert "| none | hinge loss only" in text and "| full | + image-image" in text
+    assert re.search(r"\| r_precision \| [0-9.]+ \| [0-9.]+ \| (PASS|FAIL) \|", text)
+    assert (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "report_losses.png").stat().st_size > 0
+    for variant in ("none", "full"):
+        saved = json.loads((ab.run_dir(opts, variant) / "eval" / "metrics.json").read_text())
+        assert saved["step"] == 2 and "fid_dual" in saved and "attributes" in saved
+    timings = json.loads((tmp_path / "runs" / "timings.json").read_text())
+    assert set(timings) == {"dual", "none", "full"}
+    ab.run_ablation(opts)  # finished runs are reused, not retrained
+    assert json.loads((tmp_path / "runs" / "timings.json").read_text()) == timings
