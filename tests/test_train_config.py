@@ -11,11 +11,15 @@ from fastxmc.train.config import (PRESETS, TrainConfig, apply_override, build_co
 
 def test_default_is_the_shapes_preset():
     cfg = build_config()
-    assert cfg.preset == "shapes" and cfg.data.dataset == "shapes" and cfg.data.resolution == 64
-    assert cfg.optim.g_lr == 1e-4 and cfg.optim.d_lr == 4e-4 and cfg.optim.betas == (0.5, 0.999)
+    assert cfg.preset == "shapes" and cfg.data.dataset == "shapes" and cfg.data.resolution == 32
+    assert not cfg.data.flip and cfg.data.shapes_max_objects == 1 and cfg.data.shapes_backgrounds == "gradient"
+    # 4x below the paper's rates (the brightness drift at this scale), the paper's ratio and betas
+    assert cfg.optim.g_lr == 2.5e-5 and cfg.optim.d_lr == 1e-4 and cfg.optim.betas == (0.5, 0.999)
     assert cfg.optim.d_steps_per_g_step == 2 and cfg.optim.ema_decay == 0.995  # short-run horizon
-    assert TrainConfig().optim.ema_decay == 0.999  # the paper's, in every other preset
-    assert cfg.run.batch_size == 8 and cfg.model.g_width == 16 and cfg.run.steps == 2000
+    assert cfg.optim.ema_warmup and cfg.optim.ema_bn_batches == 8
+    paper = TrainConfig().optim  # every other preset: the reference's EMA
+    assert paper.ema_decay == 0.999 and not paper.ema_warmup and paper.ema_bn_batches == 0
+    assert cfg.run.batch_size == 16 and cfg.model.g_width == 16 and cfg.run.steps == 2000
     assert cfg.loss.temperature == 0.1 and not cfg.loss.supcon and not cfg.loss.global_negatives
 
 
@@ -92,6 +96,7 @@ def test_bad_overrides_are_rejected(key, value, message):
     ("optim.d_lr", "0", "optim.d_lr must be a positive number"),
     ("loss.word_weight", "-1", "loss.word_weight must be a number >= 0"),
     ("optim.ema_decay", "1.5", "optim.ema_decay must be in [0, 1]"),
+    ("optim.ema_bn_batches", "-1", "optim.ema_bn_batches must be an int >= 0"),
     ("data.resolution", "4", "DataConfig.resolution must be in"),
     ("data.dataset", "coco", "DataConfig.path is required"),
 ])

@@ -260,9 +260,17 @@ def train_variants(opts: AblationOptions, timings: dict) -> None:
             continue
         jobs.append(Job(variant, train_command(opts, variant), Path(opts.out) / "logs" / f"{variant}.log",
                         opts.threads, run_dir(opts, variant) / "metrics.jsonl", steps))
+    # Longest first (a label-guided run passes two captions per image through G and D): the
+    # parallel slots then finish together instead of one long run ending alone.
+    jobs.sort(key=lambda job: -relative_cost(opts, job.name))
     run_jobs(jobs, opts.jobs, opts.progress)
     for job in jobs:
         timings[job.name] = timings.get(job.name, 0.0) + job.seconds
+
+
+def relative_cost(opts: AblationOptions, variant: str) -> float:
+    cfg = train_config(opts, variant)
+    return cfg.run.steps * (2.0 if cfg.loss.supcon else 1.0)
 
 
 def evaluate_variants(opts: AblationOptions) -> dict:

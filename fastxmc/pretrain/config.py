@@ -95,9 +95,11 @@ def dual_encoder_config(cfg: PretrainConfig, text_dim: int) -> DualEncoderConfig
 
 # ---------------------------------------------------------------- presets
 def preset_shapes() -> PretrainConfig:
-    """The shapes dataset at 64px (5000 training images, as the train preset)."""
+    """The shapes dataset as the train preset has it (32px, one object, gradient backgrounds)."""
     cfg = PretrainConfig(preset="shapes")
-    _set(cfg.data, shapes_train=5000, flip=False)  # the captions name left and right
+    # The train preset's data; no flips: the captions name left and right.
+    _set(cfg.data, resolution=32, shapes_train=5000, flip=False, shapes_max_objects=1,
+         shapes_backgrounds="gradient")
     return cfg
 
 
