@@ -24,3 +24,15 @@ def pytest_sessionstart(session):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread_data_cache(tmp_path_factory, monkeypatch):
+    """One data cache (shapes images, caption embeddings) per test session, never the user's, and
+    one torch thread (restored after): for tests that run tiny trainings in this process."""
+    path = tmp_path_factory.getbasetemp() / "fastxmc-cache"
+    monkeypatch.setenv("FASTXMC_CACHE", str(path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield path
+    torch.set_num_threads(threads)

@@ -34,14 +34,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    """One data cache per test session, never the user's; one torch thread (restored after)."""
-    path = tmp_path_factory.getbasetemp() / "fastxmc-cache"
-    monkeypatch.setenv("FASTXMC_CACHE", str(path))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield path
-    torch.set_num_threads(threads)
+def cache(one_thread_data_cache):
+    return one_thread_data_cache
 
 
 def tiny(out, *overrides):
