@@ -41,7 +41,10 @@ __all__ = ["ATTRIBUTE_VALUES", "AttributeClassifierConfig", "AttributeClassifier
 
 ATTRIBUTE_VALUES = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS}
 # Part of every cached file: bump when the network or its training changes.
-CACHE_FORMAT = "fastxmc-attribute-classifier-v1"
+CACHE_FORMAT = "fastxmc-attribute-classifier-v2"
+# Smaller datasets are upsampled to this size: at 32px a small shape is ~5 pixels wide, and the
+# first stride-2 stage left too little of it (measured: shape accuracy 0.23 on real 32px images).
+MIN_RESOLUTION = 64
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ def train_attribute_classifier(root, cfg: AttributeClassifierConfig | None = Non
     images, targets = load_split(root, "train", cfg.max_train)
     with torch.random.fork_rng():          # seeded initialisation without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        model = AttributeClassifier(resolution=images.shape[-1], width=cfg.width)
+        model = AttributeClassifier(resolution=max(images.shape[-1], MIN_RESOLUTION), width=cfg.width)
     _fit(model, images, targets, cfg, progress)
     val_images, val_targets = load_split(root, "val")
     return model, evaluate_classifier(model, val_images, val_targets)
