@@ -77,6 +77,10 @@ def test_verdicts_compare_full_with_the_baseline():
     results["full"]["fid_dual"] = 60.0
     assert {n: ok for n, _, _, ok in rp.verdicts(results)}["fid_dual"] is False
     assert rp.verdicts({"full": results["full"]}) == []
+    opts = ab.AblationOptions(variants=("none", "full"))
+    lines = rp.above_chance_lines(opts, results)  # chance 0.25 in metrics(): above 0.3125 counts
+    assert lines[-2] == "- `none`: size (0.500 vs 0.250)"
+    assert lines[-1] == "- `full`: shape (0.400 vs 0.250), color (0.600 vs 0.250), size (0.600 vs 0.250)"
 
 
 def test_a_failing_job_names_its_log(tmp_path):
@@ -98,6 +102,10 @@ def test_tiny_ablation_end_to_end(tmp_path, monkeypatch):
         saved = json.loads((ab.run_dir(opts, variant) / "eval" / "metrics.json").read_text())
         assert saved["step"] == 2 and "fid_dual" in saved and "attributes" in saved
     timings = json.loads((tmp_path / "runs" / "timings.json").read_text())
-    assert set(timings) == {"dual", "none", "full"}
+    assert set(timings["runs"]) == {"dual", "none", "full"}
+    assert set(timings["phases"]) == {"evaluator", "training", "evaluation"}
+    assert "Wall clock of the phases: evaluator" in text
     ab.run_ablation(opts)  # finished runs are reused, not retrained
-    assert json.loads((tmp_path / "runs" / "timings.json").read_text()) == timings
+    again = json.loads((tmp_path / "runs" / "timings.json").read_text())
+    assert again["runs"] == timings["runs"]
+    assert again["phases"]["training"] == timings["phases"]["training"]

@@ -248,7 +248,8 @@ def pretrain_evaluator(opts: AblationOptions, timings: dict) -> None:
     job = Job("dual encoder", pretrain_command(opts), Path(opts.out) / "logs" / "dual.log",
               opts.threads * opts.jobs, out / "metrics.jsonl", steps)
     run_jobs([job], 1, opts.progress)
-    timings["dual"] = timings.get("dual", 0.0) + job.seconds
+    _add(timings["runs"], "dual", job.seconds)
+    _add(timings["phases"], "evaluator", job.seconds)
 
 
 def train_variants(opts: AblationOptions, timings: dict) -> None:
@@ -263,9 +264,11 @@ def train_variants(opts: AblationOptions, timings: dict) -> None:
     # Longest first (a label-guided run passes two captions per image through G and D): the
     # parallel slots then finish together instead of one long run ending alone.
     jobs.sort(key=lambda job: -relative_cost(opts, job.name))
+    start = time.monotonic()
     run_jobs(jobs, opts.jobs, opts.progress)
+    _add(timings["phases"], "training", time.monotonic() - start if jobs else 0.0)
     for job in jobs:
-        timings[job.name] = timings.get(job.name, 0.0) + job.seconds
+        _add(timings["runs"], job.name, job.seconds)
 
 
 def relative_cost(opts: AblationOptions, variant: str) -> float:
@@ -273,17 +276,26 @@ def relative_cost(opts: AblationOptions, variant: str) -> float:
     return cfg.run.steps * (2.0 if cfg.loss.supcon else 1.0)
 
 
-def evaluate_variants(opts: AblationOptions) -> dict:
+def evaluate_variants(opts: AblationOptions, timings: dict) -> dict:
     jobs = [Job(f"eval {v}", eval_command(opts, v), Path(opts.out) / "logs" / f"eval-{v}.log",
                 opts.threads) for v in opts.variants]
+    start = time.monotonic()
     run_jobs(jobs, opts.jobs, opts.progress)
+    timings["phases"]["evaluation"] = time.monotonic() - start  # every invocation evaluates anew
     return {v: json.loads((run_dir(opts, v) / "eval" / "metrics.json").read_text())
             for v in opts.variants}
 
 
+def _add(totals: dict, key: str, seconds: float) -> None:
+    totals[key] = totals.get(key, 0.0) + seconds
+
+
 def load_timings(opts: AblationOptions) -> dict:
+    """Seconds spent so far: ``runs`` (each subprocess, summed over resumptions) and ``phases``
+    (wall clock of the evaluator, training and evaluation phases; runs overlap within a phase)."""
     path = Path(opts.out) / "timings.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return {"runs": saved.get("runs", {}), "phases": saved.get("phases", {})}
 
 
 def save_timings(opts: AblationOptions, timings: dict) -> None:
@@ -304,7 +316,8 @@ def run_ablation(opts: AblationOptions) -> Path:
         train_variants(opts, timings)
     finally:
         save_timings(opts, timings)
-    metrics = evaluate_variants(opts)
+    metrics = evaluate_variants(opts, timings)
+    save_timings(opts, timings)
     from fastxmc.experiments.report import write_report
 
     return write_report(opts, metrics, timings)

@@ -56,17 +56,17 @@ def _num(value, digits: int = 3) -> str:
 def settings_lines(opts: AblationOptions, timings: dict) -> list:
     cfg = train_config(opts, FULL)
     d, m, r, o = cfg.data, cfg.model, cfg.run, cfg.optim
-    total = sum(timings.values())
     overrides = " ".join(f"--{k}={v}" for k, v in opts.overrides) or "none"
+    phases = ", ".join(f"{k} {v / 60:.1f}" for k, v in timings["phases"].items()) or "n/a"
+    runs = ", ".join(f"{k} {v / 60:.1f}" for k, v in timings["runs"].items()) or "n/a"
     return [
         f"Preset `{opts.preset}`: {d.dataset} at {d.resolution}px ({d.shapes_train} training images), "
         f"G/D width {m.g_width}/{m.d_width}, z {m.z_dim}, {r.batch_size} images per D step, "
         f"{o.d_steps_per_g_step} D steps per G step, Adam G {o.g_lr:g} / D {o.d_lr:g}, EMA {o.ema_decay}, "
         f"**{r.steps} G steps**, seed {opts.seed}; extra overrides: {overrides}.",
         f"Machine: {machine_description()}; {opts.jobs} runs at once, {opts.threads} torch thread(s) each. "
-        f"Wall clock: {total / 60:.1f} min of pretraining and training "
-        f"({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min; a resumed run counts "
-        f"only its own part), evaluation not included.",
+        f"Wall clock of the phases: {phases} min. Each run: {runs} min (runs overlap within a "
+        f"phase; a resumed run counts only what this directory's invocations spent).",
         f"Evaluation: {opts.eval_samples} G_ema samples on validation captions per variant; FID/KID in "
         f"the feature space of the dual encoder pretrained in `{run_dir(opts, 'dual')}` (the same "
         f"data), R-precision over 100 candidates (1 true + 99 mismatched captions), attribute "
@@ -96,6 +96,20 @@ def table_lines(opts: AblationOptions, results: dict) -> list:
     return lines
 
 
+def above_chance_lines(opts: AblationOptions, results: dict, factor: float = 1.25) -> list:
+    """Which attributes each variant's samples get clearly right (accuracy > ``factor`` x chance):
+    the verdict compares means, this says what the means are made of."""
+    lines = []
+    for variant in opts.variants:
+        attrs = results[variant].get("attributes")
+        if not attrs:
+            return []
+        good = [f"{a} ({attrs[a]['accuracy']:.3f} vs {attrs[a]['chance']:.3f})" for a in ATTRIBUTES
+                if attrs[a]["accuracy"] > factor * attrs[a]["chance"]]
+        lines.append(f"- `{variant}`: {', '.join(good) if good else 'none'}")
+    return [f"Attributes the samples get clearly right (accuracy above {factor} x chance):", "", *lines]
+
+
 def verdict_lines(results: dict) -> list:
     rows = verdicts(results)
     if not rows:
@@ -120,6 +134,7 @@ def write_report(opts: AblationOptions, results: dict, timings: dict) -> Path:
              f"Written by `python -m fastxmc.experiments ablation` on {time.strftime('%Y-%m-%d')}.", "",
              *[line for s in settings_lines(opts, timings) for line in (s, "")],
              *table_lines(opts, results), "", *verdict_lines(results), "",
+             *above_chance_lines(opts, results), "",
              f"## Samples (G_ema after the last step, the same captions and noise for every variant)", "",
              f"![samples]({samples_png.name})", "", "## Loss curves", "", f"![losses]({losses_png.name})", ""]
     tmp = report.with_name(f".{report.name}.tmp-{os.getpid()}")
@@ -175,7 +190,7 @@ def loss_figure(opts: AblationOptions, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.2), squeeze=False)
-    for variant in opts.variants:
+    for index, variant in enumerate(opts.variants):  # one colour per variant in every panel
         records = read_metrics(run_dir(opts, variant))
         for ax, (key, title) in zip(axes[0], CURVES):
             points = [(r["step"], r[key]) for r in records if key in r]
@@ -183,10 +198,12 @@ def loss_figure(opts: AblationOptions, path: Path) -> None:
                 continue
             steps, values = map(np.asarray, zip(*points))
             window = max(1, len(values) // 25)
-            ax.plot(steps[window - 1:], _smooth(values, window), label=variant, linewidth=1)
+            ax.plot(steps[window - 1:], _smooth(values, window), label=variant, linewidth=1,
+                    color=f"C{index}")
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("G step", fontsize=8)
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
