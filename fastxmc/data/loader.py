@@ -189,7 +189,10 @@ class TorchImages:
 
     def __init__(self, paths, crops, resolution: int, workers: int, prefetch: int, pin_memory: bool):
         self._sampler = _PlanSampler()
-        extra = dict(persistent_workers=True, prefetch_factor=prefetch) if workers > 0 else {}
+        # forkserver, not fork: a worker forked from a process that holds a DALI pipeline (e.g. a
+        # benchmark comparing both paths) inherits its locks and deadlocks when it frees the copy.
+        extra = dict(persistent_workers=True, prefetch_factor=prefetch,
+                     multiprocessing_context="forkserver") if workers > 0 else {}
         self._loader = torch.utils.data.DataLoader(
             _BatchImages(paths, crops, resolution), batch_size=None, sampler=self._sampler,
             num_workers=workers, pin_memory=pin_memory, **extra)
