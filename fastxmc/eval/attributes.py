@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastxmc.atomic import atomic_torch_save
 from fastxmc.data.shapes import (COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig, config_hash,
                                  default_cache_dir, ensure_shapes_dataset, read_attributes)
 
@@ -287,17 +286,6 @@ def _dataset_root_and_hash(dataset, cache_dir) -> tuple:
     return root, meta["config_hash"]
 
 
-def _save_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _load_cached(path: Path, cfg: AttributeClassifierConfig):
     """The cached model, or None when the file is unreadable or from another format / config
     (it is then retrained and overwritten)."""
@@ -333,7 +321,7 @@ def ensure_attribute_classifier(dataset, cfg: AttributeClassifierConfig | None =
         if model is not None:
             return model
     model, report = train_attribute_classifier(root, cfg, progress=progress)
-    _save_atomic({"format": CACHE_FORMAT, "dataset_config_hash": data_hash,
+    atomic_torch_save({"format": CACHE_FORMAT, "dataset_config_hash": data_hash,
                   "classifier_config": dataclasses.asdict(cfg), "resolution": model.resolution,
                   "vocab": {k: list(v) for k, v in ATTRIBUTE_VALUES.items()},
                   "state_dict": model.state_dict(), "report": report}, path)

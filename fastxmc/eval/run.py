@@ -22,8 +22,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fastxmc.atomic import atomic_torch_save, atomic_write_text
 from fastxmc.data.loader import build_loader
 from fastxmc.eval.attributes import AttributeAccuracy, ensure_attribute_classifier, is_single_object
 from fastxmc.eval.inception import load_inception
@@ -178,17 +177,6 @@ def real_stats_path(data_cfg, extractors: Extractors, keep: int, num_real: int) 
     return data_cfg.resolved_cache_dir() / EVAL_DIR / f"real-{name}.pt"
 
 
-def _save_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def real_stats(loader, extractors: Extractors, keep: int, num_real: int, device, progress: bool) -> dict:
     """{extractor name: FeatureStats} of the first ``num_real`` real validation images (0: all of
     them), cached."""
@@ -203,7 +191,7 @@ def real_stats(loader, extractors: Extractors, keep: int, num_real: int, device,
     for batch in tqdm(batches, desc="real images", total=math.ceil(total / loader.batch_size),
                       disable=not progress):
         features.update(batch["image"].to(device))
-    _save_atomic({"format": STATS_FORMAT,
+    atomic_torch_save({"format": STATS_FORMAT,
                   "stats": {n: s.state_dict() for n, s in features.stats.items()}}, path)
     return features.stats
 
@@ -366,10 +354,6 @@ def report_lines(metrics: dict) -> list:
 def write_outputs(run_dir: Path, metrics: dict) -> Path:
     """``DIR/eval/metrics.json`` and ``DIR/eval/report.md`` (each written atomically)."""
     out = run_dir / EVAL_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("metrics.json", json.dumps(metrics, indent=2) + "\n"),
-                       ("report.md", "\n".join(report_lines(metrics)))):
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    atomic_write_text(json.dumps(metrics, indent=2) + "\n", out / "metrics.json")
+    atomic_write_text("\n".join(report_lines(metrics)), out / "report.md")
     return out

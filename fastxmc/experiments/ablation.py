@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastxmc.atomic import atomic_write_text
 from fastxmc.pretrain.config import preset_config as pretrain_preset
 from fastxmc.train.checkpoint import latest_checkpoint
 from fastxmc.train.config import build_config
@@ -299,10 +300,7 @@ def load_timings(opts: AblationOptions) -> dict:
 
 
 def save_timings(opts: AblationOptions, timings: dict) -> None:
-    path = Path(opts.out) / "timings.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(timings, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(timings, indent=2) + "\n", Path(opts.out) / "timings.json")
 
 
 def run_ablation(opts: AblationOptions) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastxmc.atomic import atomic_write_text
 from fastxmc.experiments.ablation import (ATTRIBUTES, BASELINE, FIGURE_CAPTIONS, FULL, VARIANTS,
                                           AblationOptions, machine_description, run_dir, train_config)
 from fastxmc.train.logging import read_metrics
@@ -137,9 +138,7 @@ def write_report(opts: AblationOptions, results: dict, timings: dict) -> Path:
              *above_chance_lines(opts, results), "",
              f"## Samples (G_ema after the last step, the same captions and noise for every variant)", "",
              f"![samples]({samples_png.name})", "", "## Loss curves", "", f"![losses]({losses_png.name})", ""]
-    tmp = report.with_name(f".{report.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, report)
+    atomic_write_text("\n".join(lines), report)
     return report
 
 
