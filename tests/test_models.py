@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
+from fastxmc.models.discriminator import with_coordinates
 from fastxmc.models import (Discriminator, Generator, SelfModulationBN, SpatialModulationBN,
                             count_parameters)
 
@@ -140,6 +141,21 @@ def test_discriminator_projection_and_sentence_tiling():
     torch.testing.assert_close(alone.sentence, D.sentence_proj(sentence))
     expected = D.head(p)[:, 0] + (p * alone.sentence).sum(1)
     torch.testing.assert_close(alone.logits, expected)
+
+
+def test_coordinate_channels_are_appended_to_the_input():
+    """With coords, D's first conv sees (image, x, y) and everything downstream is computed from that."""
+    assert with_coordinates(torch.zeros(1, 3, 2, 3)).tolist()[0][3:] == [
+        [[-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0]], [[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]]
+    torch.manual_seed(0)
+    D = Discriminator(32, TEXT_DIM, width=WIDTH, coords=True).eval()
+    assert D.blocks[0].conv1.weight.shape[1] == 5 and D.coords
+    images = torch.rand(2, 3, 32, 32)
+    out = D(images, _text(batch=2)[0])
+    h = with_coordinates(images)
+    for block in D.blocks:
+        h = block(h)
+    torch.testing.assert_close(out.features, F.relu(h).sum(dim=(2, 3)))
 
 
 def test_region_features_come_from_the_16x16_map_in_row_major_order():

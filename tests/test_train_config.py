@@ -97,6 +97,7 @@ def test_bad_overrides_are_rejected(key, value, message):
     ("loss.word_weight", "-1", "loss.word_weight must be a number >= 0"),
     ("optim.ema_decay", "1.5", "optim.ema_decay must be in [0, 1]"),
     ("optim.ema_bn_batches", "-1", "optim.ema_bn_batches must be an int >= 0"),
+    ("loss.r1_gamma", "-0.5", "loss.r1_gamma must be a number >= 0"),
     ("data.resolution", "4", "DataConfig.resolution must be in"),
     ("data.dataset", "coco", "DataConfig.path is required"),
 ])

@@ -7,7 +7,8 @@ from torch import nn
 
 from fastxmc.train.config import LossConfig
 from fastxmc.train.losses import (DOut, FrozenClassifier, Text, Views, XMCLossSet, chunk_output,
-                                  contrastive_loss, hinge_d, hinge_g, pair_labels)
+                                  contrastive_loss, hinge_d, hinge_g, pair_labels,
+                                  r1_penalty)
 
 B, F, R, E, T = 3, 4, 5, 6, 4
 
@@ -200,6 +201,36 @@ def test_label_guided_terms_with_two_caption_branches():
     assert losses.total(d).item() == pytest.approx(
         (d["d_hinge"] + d["d_sentence"] + d["d_word"] + 0.4 * d["d_supcon_text"]).item())
     assert losses.weights["g_supcon_image"] == 0.3
+
+
+def test_r1_penalty_is_the_squared_input_gradient_of_the_real_logits():
+    """D(x) = sum(w * x^2) has grad 2 w x; the penalty is the batch mean of its squared norm, and
+    its own gradient reaches w (create_graph)."""
+    torch.manual_seed(4)
+    w = torch.randn(3, 2, 2, requires_grad=True)
+    x = torch.randn(B, 3, 2, 2, requires_grad=True)
+    logits = (w * x * x).sum(dim=(1, 2, 3))
+    penalty = r1_penalty(logits, x)
+    expected = sum(float(((2 * w * x[i]) ** 2).sum()) for i in range(B)) / B
+    assert penalty.item() == pytest.approx(expected, rel=1e-10)
+    (dw,) = torch.autograd.grad(penalty, w)
+    torch.testing.assert_close(dw, (8 * w * x.detach() ** 2).sum(0) / B)
+    with pytest.raises(ValueError, match="real_images must require grad"):
+        r1_penalty(logits, x.detach())
+
+
+def test_r1_term_is_weighted_gamma_over_two_and_off_by_default():
+    torch.manual_seed(5)
+    images = torch.randn(B, 2, requires_grad=True)
+    real = _dout()._replace(logits=(images ** 2).sum(1))
+    v = Views(real, [_dout()], [_text()], None, images)
+    assert "d_r1" not in XMCLossSet(LossConfig()).discriminator_terms(v)
+    losses = XMCLossSet(LossConfig(r1_gamma=3.0))
+    d = losses.discriminator_terms(v)
+    assert losses.weights["d_r1"] == 1.5
+    assert d["d_r1"].item() == pytest.approx(float((2 * images.detach()).pow(2).sum(1).mean()))
+    assert losses.total(d).item() == pytest.approx(
+        (d["d_hinge"] + d["d_sentence"] + d["d_word"] + 1.5 * d["d_r1"]).item())
 
 
 # ---------------------------------------------------------------- the frozen ImageNet classifier

@@ -121,8 +121,12 @@ def _manual_run(cfg, cache) -> loop.Run:
                     loader.text_dim)
 
 
-def test_joint_step_keeps_the_two_gradients_apart(tmp_path, cache):
-    run = _manual_run(tiny(tmp_path), cache)
+R1_ON = [(), (("loss.r1_gamma", "1.0"),)]
+
+
+@pytest.mark.parametrize("overrides", R1_ON, ids=["plain", "r1"])
+def test_joint_step_keeps_the_two_gradients_apart(tmp_path, cache, overrides):
+    run = _manual_run(tiny(tmp_path, *overrides), cache)
     batch = next(iter(run.loader))
     fw = loop.joint_forward(run, batch)
     d_params, g_params = list(run.nets.d.parameters()), list(run.nets.g.parameters())
@@ -135,10 +139,12 @@ def test_joint_step_keeps_the_two_gradients_apart(tmp_path, cache):
     for p, g in zip(g_params, want_g):
         torch.testing.assert_close(p.grad, g)  # L_D did not leak into G's gradients
     assert any(not torch.equal(p, b) for p, b in zip(d_params, before))
+    assert ("d_r1" in fw.d_terms) == bool(overrides) and torch.isfinite(fw.loss_d)
 
 
-def test_d_only_step_leaves_g_untouched(tmp_path, cache):
-    run = _manual_run(tiny(tmp_path), cache)
+@pytest.mark.parametrize("overrides", R1_ON, ids=["plain", "r1"])
+def test_d_only_step_leaves_g_untouched(tmp_path, cache, overrides):
+    run = _manual_run(tiny(tmp_path, *overrides), cache)
     g_state = {k: v.clone() for k, v in run.nets.g.state_dict().items()}
     d_before = [p.detach().clone() for p in run.nets.d.parameters()]
     loss = loop.discriminator_step(run, next(iter(run.loader)))

@@ -15,6 +15,11 @@ with two 16w blocks at 4x4:
     128: 1 | 2, 4, 8, 16, 16(no down) (code)     256: 1 | 2, 4, 8, 8, 16, 16(no down) (code)
 32 and 64 are ours: every spatial size keeps the 128 model's width (regions at 16x16 have 4w
 channels; 8w at 256).
+
+``coords=True`` (ours, off by default) appends two coordinate channels (x and y in [-1, 1], CoordConv,
+Liu et al. 2018) to the input. The global feature is a sum over positions, so without them D's only
+cue to *where* something is comes from the zero padding at the borders; with them the sentence
+projection and the contrastive heads can check captions such as "at the top left" directly.
 """
 from __future__ import annotations
 
@@ -43,10 +48,10 @@ class DiscriminatorOutput(NamedTuple):
     sentence: torch.Tensor  # (B, 16w) sentence projection e (N = k * B, see Discriminator.forward)
 
 
-def _build_blocks(resolution: int, width: int):
+def _build_blocks(resolution: int, width: int, in_channels: int = 3):
     """The block list and the index of the block whose output is the 16x16 region map."""
     first, rest = D_ARCHITECTURES[resolution]
-    blocks = [OptimizedDownBlock(3, first * width)]
+    blocks = [OptimizedDownBlock(in_channels, first * width)]
     channels, size = first * width, resolution // 2
     region_block = 0 if size == REGION_SIZE else None
     for multiplier, downsample in rest:
@@ -57,6 +62,16 @@ def _build_blocks(resolution: int, width: int):
     return nn.ModuleList(blocks), region_block, blocks[region_block].conv2.out_channels
 
 
+def with_coordinates(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 5, H, W): the images, then x (left -1 .. right 1) and y (top -1 .. bottom 1)."""
+    n, _, h, w = images.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=images.device, dtype=images.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=images.device, dtype=images.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    coords = torch.stack([grid_x, grid_y]).expand(n, -1, -1, -1)
+    return torch.cat([images, coords], dim=1)
+
+
 class Discriminator(nn.Module):
     """D(images, sentence) -> :class:`DiscriminatorOutput`.
 
@@ -64,17 +79,19 @@ class Discriminator(nn.Module):
         resolution: 32, 64, 128 or 256.
         text_dim: width of the sentence and word embeddings (768 for BERT-base).
         width: base channel width df (96; smaller for the CPU presets).
+        coords: append x/y coordinate channels to the input (see the module docstring).
     """
 
-    def __init__(self, resolution: int, text_dim: int, width: int = 96):
+    def __init__(self, resolution: int, text_dim: int, width: int = 96, *, coords: bool = False):
         super().__init__()
         if resolution not in D_ARCHITECTURES:
             raise ValueError(f"resolution must be one of {sorted(D_ARCHITECTURES)}, got {resolution!r}")
         for name, value in (("text_dim", text_dim), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.resolution, self.text_dim, self.width = resolution, text_dim, width
-        self.blocks, self.region_block, region_channels = _build_blocks(resolution, width)
+        self.resolution, self.text_dim, self.width, self.coords = resolution, text_dim, width, bool(coords)
+        self.blocks, self.region_block, region_channels = _build_blocks(
+            resolution, width, 3 + 2 * self.coords)
         feature_dim = D_ARCHITECTURES[resolution][1][-1][0] * width
         self.feature_dim = feature_dim
         self.head = nn.Linear(feature_dim, 1)
@@ -103,7 +120,7 @@ class Discriminator(nn.Module):
         k = 2). Returns logits (N,), features (N, 16w), regions (N, 256, text_dim), sentence (B, 16w).
         """
         self._check_inputs(images, sentence)
-        h = images
+        h = with_coordinates(images) if self.coords else images
         for index, block in enumerate(self.blocks):
             h = block(h)
             if index == self.region_block:

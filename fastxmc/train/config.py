@@ -38,6 +38,7 @@ class ModelConfig:
     d_width: int = 96                   # df: D's base channel width
     rho: float = 15.0                   # sharpness of G's word attention
     attention_every_block: bool = False  # recompute G's word attention per block (paper) vs once (code)
+    d_coords: bool = False              # x/y coordinate input channels in D (ours; see Discriminator)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class LossConfig:
     supcon_image_weight: float = 0.2    # SupCon on the fake images' D features (G)
     supcon_text_weight: float = 0.2     # SupCon on D's sentence projections (D)
     supcon_temperature: float = 0.5
+    r1_gamma: float = 0.0               # R1 penalty (gamma/2) E||grad_x D(x_real)||^2 on D; 0: off
 
 
 @dataclass
@@ -114,7 +116,7 @@ def generator_kwargs(cfg: TrainConfig) -> dict:
 
 
 def discriminator_kwargs(cfg: TrainConfig) -> dict:
-    return dict(resolution=cfg.data.resolution, width=cfg.model.d_width)
+    return dict(resolution=cfg.data.resolution, width=cfg.model.d_width, coords=cfg.model.d_coords)
 
 
 # ---------------------------------------------------------------- presets
@@ -293,7 +295,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                        ("loss.word_gamma3", loss.word_gamma3)):
         _require(isinstance(value, (int, float)) and value > 0, key, "a positive number", value)
     for name in ("sentence_weight", "word_weight", "image_weight", "classifier_weight",
-                 "supcon_image_weight", "supcon_text_weight"):
+                 "supcon_image_weight", "supcon_text_weight", "r1_gamma"):
         value = getattr(loss, name)
         _require(isinstance(value, (int, float)) and value >= 0, f"loss.{name}", "a number >= 0", value)
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",

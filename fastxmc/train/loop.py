@@ -294,12 +294,16 @@ def generate(G: nn.Module, z: torch.Tensor, texts: list) -> torch.Tensor:
     return G(z.repeat(len(texts), 1), *(torch.cat(parts) for parts in zip(*texts)))
 
 
-def discriminate(D: nn.Module, real: torch.Tensor, fakes: torch.Tensor, texts: list, labels):
-    """One D call on concat(real, fakes of every branch), each image with its own sentence."""
+def discriminate(D: nn.Module, real: torch.Tensor, fakes: torch.Tensor, texts: list, labels,
+                 real_grad: bool = False):
+    """One D call on concat(real, fakes of every branch), each image with its own sentence;
+    ``real_grad`` tracks the real images for the R1 penalty."""
+    if real_grad:
+        real = real.detach().requires_grad_(True)
     sentences = torch.cat([texts[0].sentence] + [t.sentence for t in texts])
     out = D(torch.cat([real, fakes.to(real.dtype)]), sentences)
     chunks = chunk_output(out, 1 + len(texts))
-    return Views(chunks[0], chunks[1:], texts, labels)
+    return Views(chunks[0], chunks[1:], texts, labels, real if real_grad else None)
 
 
 @contextlib.contextmanager
@@ -332,7 +336,8 @@ def discriminator_step(run: Run, batch: dict) -> torch.Tensor:
     with torch.no_grad(), buffers_restored(nets.g), run.autocast():
         fakes = generate(nets.g, z, texts)
     with run.autocast():
-        views = discriminate(nets.D, batch["image"], fakes, texts, labels)
+        views = discriminate(nets.D, batch["image"], fakes, texts, labels,
+                             run.losses.active("d_r1"))
     loss = run.losses.total(run.losses.discriminator_terms(views))
     nets.opt_D.zero_grad(set_to_none=True)
     loss.backward()
@@ -352,7 +357,8 @@ def joint_forward(run: Run, batch: dict) -> JointForward:
     texts, labels, z = step_inputs(run, batch)
     with run.autocast():
         fakes = generate(run.nets.G, z, texts)
-        views = discriminate(run.nets.D, batch["image"], fakes, texts, labels)
+        views = discriminate(run.nets.D, batch["image"], fakes, texts, labels,
+                             run.losses.active("d_r1"))
     d_terms = run.losses.discriminator_terms(views)
     g_terms = run.losses.generator_terms(views, batch["image"], list(fakes.chunk(len(texts))))
     return JointForward(d_terms, g_terms, run.losses.total(d_terms), run.losses.total(g_terms))

@@ -66,6 +66,7 @@ class Views(NamedTuple):
     fakes: list
     texts: list
     labels: torch.Tensor | None
+    real_images: torch.Tensor | None = None  # D's real input, requires_grad for the R1 term
 
 
 def chunk_output(out, chunks: int) -> list:
@@ -84,6 +85,16 @@ def contrastive_loss(a, b, temperature: float = 0.1, *, labels=None, group=None)
 def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """``mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))``."""
     return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ||d D(x) / d x||^2 on real images (Mescheder et al. 2018), with the
+    graph kept so the penalty itself is differentiated into D's parameters."""
+    if not real_images.requires_grad:
+        raise ValueError("real_images must require grad (set it before D's forward) for the R1 term")
+    (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))  # bf16 under autocast -> fp32
+    return grad.pow(2).flatten(1).sum(1).mean()
 
 
 def hinge_g(fake_logits: torch.Tensor) -> torch.Tensor:
@@ -158,6 +169,8 @@ class XMCLossSet:
         self.weights = {"d_hinge": 1.0, "d_sentence": cfg.sentence_weight,
                         "d_word": cfg.word_weight, "g_adv": 1.0, "g_sentence": cfg.sentence_weight,
                         "g_word": cfg.word_weight, "g_image": cfg.image_weight}
+        if cfg.r1_gamma:
+            self.weights["d_r1"] = cfg.r1_gamma / 2.0
         if classifier is not None:
             self.weights["g_classifier"] = cfg.classifier_weight
         if cfg.supcon:
@@ -183,6 +196,8 @@ class XMCLossSet:
         if self.active("d_supcon_text"):
             sentences = torch.cat([v.real.sentence] + [f.sentence for f in v.fakes[1:]])
             terms["d_supcon_text"] = self._supcon(sentences, v.labels, len(v.fakes))
+        if self.active("d_r1"):
+            terms["d_r1"] = r1_penalty(v.real.logits, v.real_images)
         return terms
 
     # ------------------------------------------------------------------ G
