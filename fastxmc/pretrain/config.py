@@ -8,17 +8,13 @@ resolution from ``data.resolution``, ``text_dim`` from the loader), ``optim``, `
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from fastxmc.data.config import DataConfig
 from fastxmc.models.dual_encoder import DualEncoderConfig
-from fastxmc.train.config import (SECTIONS, _require, _section_types, _set, _unknown, apply_override,
-                                  config_to_dict, write_config)
+from fastxmc.train.config import (ConfigFamily, _is_int, _require, _set, config_to_dict,
+                                  write_config)
 
 __all__ = ["PretrainConfig", "PRESETS", "build_config", "config_from_dict", "read_config",
            "write_config", "config_to_dict", "dual_encoder_config", "config_for", "USAGE"]
@@ -130,7 +126,7 @@ PRESETS = {"shapes": preset_shapes, "tiny": preset_tiny,
 
 # ---------------------------------------------------------------- validation and building
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return _is_int(value) and value >= 1
 
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:
@@ -159,60 +155,13 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     return cfg
 
 
-def preset_config(name: str) -> PretrainConfig:
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown preset {name!r}; presets are {list(PRESETS)}{hint}")
-    return PRESETS[name]()
-
-
-def apply_overrides(cfg: PretrainConfig, overrides) -> PretrainConfig:
-    """Every ``(key, text)`` override in order (train's typed parser), then validation;
-    ``loss.supcon`` switches ``data.two_captions`` on."""
-    for key, text in overrides:
-        apply_override(cfg, key, text)
-    if cfg.loss.supcon:
-        cfg.data.two_captions = True
-    return validate(cfg)
-
-
-def build_config(preset: str = "shapes", overrides=()) -> PretrainConfig:
-    return apply_overrides(preset_config(preset), overrides)
-
-
-def config_from_dict(d: dict) -> PretrainConfig:
-    """Inverse of :func:`config_to_dict`; unknown keys raise."""
-    unknown = sorted(set(d) - {"preset", *SECTIONS})
-    if unknown:
-        raise ValueError(f"unknown pretrain config sections {unknown}; known: {list(SECTIONS)}")
-    cfg = PretrainConfig(preset=d.get("preset", "shapes"))
-    for section_name in SECTIONS:
-        section = getattr(cfg, section_name)
-        hints = _section_types(section)
-        for key, value in d.get(section_name, {}).items():
-            if key not in hints or key not in {f.name for f in dataclasses.fields(section)}:
-                raise _unknown(f"{section_name}.{key}", cfg)
-            setattr(section, key, tuple(value) if isinstance(value, list) else value)
-    return validate(cfg)
-
-
-def read_config(path) -> PretrainConfig:
-    return config_from_dict(json.loads(Path(path).read_text()))
-
-
-def config_for(cli) -> PretrainConfig:
-    """The run's config from a parsed command line (:func:`fastxmc.train.config.parse_command_line`):
-    the preset plus the overrides; with --resume the saved config.json plus the same overrides."""
-    if not cli.resume:
-        return build_config(cli.preset, cli.overrides)
-    probe = preset_config(cli.preset)
-    for key, text in cli.overrides:
-        apply_override(probe, key, text)
-    saved = Path(probe.run.out) / "config.json"
-    if not saved.is_file():
-        raise FileNotFoundError(f"--resume: {saved} does not exist; pass the run's --out DIR")
-    return apply_overrides(read_config(saved), cli.overrides)
+PRETRAIN_CONFIGS = ConfigFamily("pretrain", PretrainConfig, PRESETS, validate)
+preset_config = PRETRAIN_CONFIGS.preset_config
+build_config = PRETRAIN_CONFIGS.build_config
+apply_overrides = PRETRAIN_CONFIGS.apply_overrides
+config_from_dict = PRETRAIN_CONFIGS.config_from_dict
+read_config = PRETRAIN_CONFIGS.read_config
+config_for = PRETRAIN_CONFIGS.config_for
 
 
 USAGE = """usage: python -m fastxmc.pretrain [--preset NAME] [--dataset D] [--data PATH] [--out DIR]

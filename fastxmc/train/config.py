@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Callable, Literal, Union
 
 from fastxmc.data.config import DataConfig
 
@@ -313,27 +313,80 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 # ---------------------------------------------------------------- building and (de)serialising
-def preset_config(name: str) -> TrainConfig:
-    """A fresh config of preset ``name`` (not yet validated)."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown preset {name!r}; presets are {list(PRESETS)}{hint}")
-    return PRESETS[name]()
+@dataclass(frozen=True)
+class ConfigFamily:
+    """Presets, overrides and (de)serialisation of one config family (train here, pretrain in
+    :mod:`fastxmc.pretrain.config`): dataclass configs with a ``preset`` and the :data:`SECTIONS`.
+
+    ``make(preset=name)`` builds an empty config, ``presets`` maps names to preset factories and
+    ``validate(cfg)`` checks a config and returns it; ``kind`` names the family in errors."""
+    kind: str
+    make: Callable
+    presets: dict
+    validate: Callable
+
+    def preset_config(self, name: str):
+        """A fresh config of preset ``name`` (not yet validated)."""
+        if name not in self.presets:
+            close = difflib.get_close_matches(name, self.presets, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown preset {name!r}; presets are {list(self.presets)}{hint}")
+        return self.presets[name]()
+
+    def apply_overrides(self, cfg, overrides):
+        """Every ``(key, text)`` override in order, then validation; ``loss.supcon`` switches
+        ``data.two_captions`` on (the two caption branches)."""
+        for key, text in overrides:
+            apply_override(cfg, key, text)
+        if cfg.loss.supcon:
+            cfg.data.two_captions = True
+        return self.validate(cfg)
+
+    def build_config(self, preset: str = "shapes", overrides=()):
+        """The preset, then the overrides, then validation."""
+        return self.apply_overrides(self.preset_config(preset), overrides)
+
+    def config_from_dict(self, d: dict):
+        """Inverse of :func:`config_to_dict` (JSON lists become the annotated tuples); unknown
+        sections and keys raise; keys a saved config lacks keep their defaults."""
+        unknown = sorted(set(d) - {"preset", *SECTIONS})
+        if unknown:
+            raise ValueError(f"unknown {self.kind} config sections {unknown}; known: {list(SECTIONS)}")
+        cfg = self.make(preset=d.get("preset", "shapes"))
+        for section_name in SECTIONS:
+            section = getattr(cfg, section_name)
+            fields = {f.name for f in dataclasses.fields(section)}
+            for key, value in d.get(section_name, {}).items():
+                if key not in fields:
+                    raise _unknown(f"{section_name}.{key}", cfg)
+                setattr(section, key, tuple(value) if isinstance(value, list) else value)
+        return self.validate(cfg)
+
+    def read_config(self, path):
+        return self.config_from_dict(json.loads(Path(path).read_text()))
+
+    def config_for(self, cli):
+        """The run's config from a parsed command line (:func:`parse_command_line`): the preset
+        plus the overrides; with --resume, the run directory's saved config.json plus the same
+        overrides (the directory is found from the preset and overrides)."""
+        if not cli.resume:
+            return self.build_config(cli.preset, cli.overrides)
+        probe = self.preset_config(cli.preset)
+        for key, text in cli.overrides:
+            apply_override(probe, key, text)
+        saved = Path(probe.run.out) / "config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: {saved} does not exist; pass the run's --out DIR")
+        return self.apply_overrides(self.read_config(saved), cli.overrides)
 
 
-def build_config(preset: str = "shapes", overrides=()) -> TrainConfig:
-    """The preset, then every ``(key, text)`` override in order, then validation. ``loss.supcon``
-    switches ``data.two_captions`` on."""
-    return apply_overrides(preset_config(preset), overrides)
-
-
-def apply_overrides(cfg: TrainConfig, overrides) -> TrainConfig:
-    for key, text in overrides:
-        apply_override(cfg, key, text)
-    if cfg.loss.supcon:
-        cfg.data.two_captions = True
-    return validate(cfg)
+TRAIN_CONFIGS = ConfigFamily("train", TrainConfig, PRESETS, validate)
+preset_config = TRAIN_CONFIGS.preset_config
+build_config = TRAIN_CONFIGS.build_config
+apply_overrides = TRAIN_CONFIGS.apply_overrides
+config_from_dict = TRAIN_CONFIGS.config_from_dict
+read_config = TRAIN_CONFIGS.read_config
+config_for = TRAIN_CONFIGS.config_for
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
@@ -346,31 +399,11 @@ def _section_dict(section) -> dict:
     return dataclasses.asdict(section)
 
 
-def config_from_dict(d: dict) -> TrainConfig:
-    """Inverse of :func:`config_to_dict` (JSON lists become the annotated tuples); unknown keys raise."""
-    unknown = sorted(set(d) - {"preset", *SECTIONS})
-    if unknown:
-        raise ValueError(f"unknown train config sections {unknown}; known: {list(SECTIONS)}")
-    cfg = TrainConfig(preset=d.get("preset", "shapes"))
-    for section_name in SECTIONS:
-        section = getattr(cfg, section_name)
-        hints = _section_types(section)
-        for key, value in d.get(section_name, {}).items():
-            if key not in hints:
-                raise _unknown(f"{section_name}.{key}", cfg)
-            setattr(section, key, tuple(value) if isinstance(value, list) else value)
-    return validate(cfg)
-
-
 def write_config(cfg: TrainConfig, path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
     tmp.replace(path)
-
-
-def read_config(path) -> TrainConfig:
-    return config_from_dict(json.loads(Path(path).read_text()))
 
 
 # ---------------------------------------------------------------- the command line
@@ -454,17 +487,3 @@ def parse_command_line(argv) -> CommandLine:
             hint = f"; did you mean {close[0]}?" if close else "; see --help"
             raise ValueError(f"unknown option {name}{hint}")
     return cli
-
-
-def config_for(cli: CommandLine) -> TrainConfig:
-    """The run's config: the preset plus the overrides; with --resume, the run directory's saved
-    config.json plus the same overrides (the directory is found from the preset and overrides)."""
-    if not cli.resume:
-        return build_config(cli.preset, cli.overrides)
-    probe = preset_config(cli.preset)
-    for key, text in cli.overrides:
-        apply_override(probe, key, text)
-    saved = Path(probe.run.out) / "config.json"
-    if not saved.is_file():
-        raise FileNotFoundError(f"--resume: {saved} does not exist; pass the run's --out DIR")
-    return apply_overrides(read_config(saved), cli.overrides)
