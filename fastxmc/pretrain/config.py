@@ -16,7 +16,7 @@ from fastxmc.models.dual_encoder import DualEncoderConfig
 from fastxmc.train.config import (ConfigFamily, _is_int, _require, _set, config_to_dict,
                                   write_config)
 
-__all__ = ["PretrainConfig", "PRESETS", "build_config", "config_from_dict", "read_config",
+__all__ = ["PretrainConfig", "PRESETS", "PRETRAIN_CONFIGS", "build_config", "read_config",
            "write_config", "config_to_dict", "dual_encoder_config", "config_for", "USAGE"]
 
 
@@ -156,12 +156,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
 
 
 PRETRAIN_CONFIGS = ConfigFamily("pretrain", PretrainConfig, PRESETS, validate)
-preset_config = PRETRAIN_CONFIGS.preset_config
-build_config = PRETRAIN_CONFIGS.build_config
-apply_overrides = PRETRAIN_CONFIGS.apply_overrides
-config_from_dict = PRETRAIN_CONFIGS.config_from_dict
-read_config = PRETRAIN_CONFIGS.read_config
-config_for = PRETRAIN_CONFIGS.config_for
+# The module-level API (the family's other methods: PRETRAIN_CONFIGS.<name>).
+preset_config, build_config = PRETRAIN_CONFIGS.preset_config, PRETRAIN_CONFIGS.build_config
+read_config, config_for = PRETRAIN_CONFIGS.read_config, PRETRAIN_CONFIGS.config_for
 
 
 USAGE = """usage: python -m fastxmc.pretrain [--preset NAME] [--dataset D] [--data PATH] [--out DIR]
