@@ -271,3 +271,24 @@ def test_background_kinds_and_single_objects_are_configurable():
     for bad in ((), ("gradient", "gradient"), ("plaid",)):
         with pytest.raises(ValueError, match="backgrounds must be distinct kinds"):
             ShapesConfig(backgrounds=bad)
+
+
+def test_named_attributes_follow_the_caption_words():
+    named = shapes.named_attributes
+    assert named("a small red circle at the top left") == {"shape", "color", "size", "position"}
+    assert named("a picture of a big cyan triangle") == {"shape", "color", "size"}
+    assert named("in the middle, a green star") == {"shape", "color", "position"}
+    assert named("a pink diamond, by itself, near the bottom") == {"shape", "color", "position"}
+    assert named("a square colored yellow on a brown gradient background") == {"shape", "color"}
+    assert named("a starry sky") == {"shape", "color"}  # "starry" is not "small"/"large"/a position
+    # Every single-object caption the generator writes: size and position are named exactly when
+    # the object's own size / position words appear.
+    cfg = ShapesConfig(resolution=32, n_train=40, n_val=0, max_objects=1)
+    for i in range(40):
+        sample = generate_sample(sample_rng(cfg, "train", i), cfg)
+        obj = sample.attributes["objects"][0]
+        for caption in sample.captions:
+            got = named(caption)
+            assert ("position" in got) == any(p in caption for p in shapes._POS_WORDS[obj["position"]])
+            assert ("size" in got) == any(f"{w} " in caption for w in shapes._SIZE_WORDS[obj["size"]])
+

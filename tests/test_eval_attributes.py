@@ -76,6 +76,30 @@ def test_streaming_accumulation_and_resized_inputs(classifier, val_set):
     assert agree > 0.95
 
 
+def test_named_accuracy_scores_only_the_rows_whose_caption_names_the_attribute(classifier, val_set):
+    images, records = val_set
+    images, records = images[:40], records[:40]
+    predicted = classifier.predict(images)
+    targets = attr.encode_targets(records)
+    # Rows 0-19 name the position, rows 20-39 do not; no row names the size.
+    named = [{"shape", "color", "position"}] * 20 + [{"shape", "color"}] * 20
+    meter = AttributeAccuracy(classifier)
+    meter.update(images[:25], records[:25], named[:25])
+    meter.update(images[25:], records[25:], named[25:])
+    result = meter.compute()
+    plain = attribute_accuracy(images, records, classifier)
+    for name in ATTRIBUTE_VALUES:
+        assert result[name]["accuracy"] == plain[name]["accuracy"]
+    expected = float((predicted["position"][:20] == targets["position"][:20]).double().mean())
+    assert result["position"]["named_accuracy"] == expected and result["position"]["named_n"] == 20
+    assert result["color"]["named_n"] == 40 and result["color"]["named_accuracy"] == plain["color"]["accuracy"]
+    assert result["size"]["named_n"] == 0 and result["size"]["named_accuracy"] is None
+    with pytest.raises(ValueError, match="one set of attribute names per row"):
+        meter.update(images[:2], records[:2], named[:1])
+    with pytest.raises(ValueError, match="with every update"):
+        meter.update(images[:2], records[:2])
+
+
 def test_the_classifier_is_cached_by_dataset_and_config(classifier, cache, monkeypatch):
     files = list((cache / "attributes").glob("*.pt"))
     assert [f.name[:16] for f in files] == [config_hash(DATA)[:16]]

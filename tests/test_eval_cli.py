@@ -63,10 +63,15 @@ def test_eval_writes_metrics_and_report(runs):
     attrs = metrics["attributes"]
     assert attrs["n"] == single
     for name in ("shape", "color", "size", "position", "all"):
-        assert set(attrs[name]) == {"accuracy", "real_val_accuracy", "chance"}
+        named = {"named_accuracy", "named_n"} if name != "all" else set()
+        assert set(attrs[name]) == {"accuracy", "real_val_accuracy", "chance", *named}
         assert 0 <= attrs[name]["accuracy"] <= 1 and 0 < attrs[name]["chance"] <= 1
+    # Every caption names shape and colour; some leave out size or position.
+    assert attrs["shape"]["named_n"] == attrs["color"]["named_n"] == single
+    assert 0 < attrs["position"]["named_n"] <= single and attrs["size"]["named_n"] <= single
     report = (runs / "gan" / "eval" / "report.md").read_text()
     assert "fid_dual" in report and "r_precision" in report and "| shape |" in report
+    assert "generated, named (n)" in report
 
 
 def _only_dataset(runs) -> str:

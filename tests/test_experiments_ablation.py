@@ -96,6 +96,11 @@ def test_tiny_ablation_end_to_end(tmp_path, monkeypatch):
     report = ab.run_ablation(opts)
     text = report.read_text()
     assert "| none | hinge loss only" in text and "| full | + image-image" in text
+    assert "position, named |" in text
+    named = json.loads((ab.run_dir(opts, "full") / "eval" / "metrics.json").read_text())
+    saved_position = named["attributes"]["position"]["named_accuracy"]
+    row = next(line for line in text.splitlines() if line.startswith("| full |"))
+    assert row.rstrip(" |").endswith(f"{saved_position:.3f}")
     assert re.search(r"\| r_precision \| [0-9.]+ \| [0-9.]+ \| (PASS|FAIL) \|", text)
     assert (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "report_losses.png").stat().st_size > 0
     for variant in ("none", "full"):

@@ -61,7 +61,7 @@ __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "POSITIONS", "BACKGROUND_KINDS", "BACKGROUND_COLORS",
     "LABEL_NAMES", "NUM_CLASSES", "SPLIT_IDS", "GENERATOR_VERSION", "ShapesConfig", "Sample",
     "label_of", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
-    "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete",
+    "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete", "named_attributes",
 ]
 
 # Bump when the images or captions a given config produces change: it is part of the cache key.
@@ -321,6 +321,19 @@ _TWO = (
     lambda w: f"{w.np(0, False)} and {w.np(1, False)} {w.bgp()}",
     lambda w: f"{w.np(0, False)} {w.pos(0, True)}, {w.np(1, False)} {w.rel10()} it",
 )
+
+
+def named_attributes(caption: str) -> frozenset:
+    """Which attributes of a single-object image ``caption`` names: ``"shape"`` and ``"color"``
+    always (every template names them), ``"size"`` and ``"position"`` when one of their words or
+    phrases appears (as whole words)."""
+    padded = f" {' '.join(caption.replace(',', ' ').split())} "
+    named = {"shape", "color"}
+    if any(f" {w} " in padded for words in _SIZE_WORDS.values() for w in words):
+        named.add("size")
+    if any(f" {phrase} " in padded for phrases in _POS_WORDS.values() for phrase in phrases):
+        named.add("position")
+    return frozenset(named)
 
 
 def _captions(rng, objects, background, relation, n: int) -> list[str]:

@@ -338,14 +338,25 @@ class AttributeAccuracy:
         self.classifier = classifier
         self._predicted: list = []
         self._targets: list = []
+        self._named: list = []
 
-    def update(self, images: torch.Tensor, target_attributes) -> None:
+    def update(self, images: torch.Tensor, target_attributes, named=None) -> None:
+        """``named``: optional, one set per row of the attributes its caption names (see
+        :func:`fastxmc.data.shapes.named_attributes`); compute() then also scores each attribute
+        on the rows whose caption names it."""
         targets = encode_targets(target_attributes)
-        if images.dim() != 4 or images.shape[0] != targets["shape"].numel():
+        n = targets["shape"].numel()
+        if images.dim() != 4 or images.shape[0] != n:
             raise ValueError(f"images must be (N, 3, H, W) with one row per target, got "
-                             f"{tuple(images.shape)} for {targets['shape'].numel()} targets")
+                             f"{tuple(images.shape)} for {n} targets")
+        if named is not None and len(named) != n:
+            raise ValueError(f"named must hold one set of attribute names per row ({n}), got {len(named)}")
+        if self._targets and (named is None) != (not self._named):
+            raise ValueError("pass named with every update() or with none")
         self._predicted.append(self.classifier.predict(images))
         self._targets.append(targets)
+        if named is not None:
+            self._named.append({k: torch.tensor([k in row for row in named]) for k in ATTRIBUTE_VALUES})
 
     def compute(self) -> dict:
         if not self._targets:
@@ -356,6 +367,12 @@ class AttributeAccuracy:
         real = getattr(self.classifier, "report", {})
         result = {name: {"accuracy": acc[name], "real_val_accuracy": real.get(name, {}).get("accuracy"),
                          "chance": chance[name]} for name in acc}
+        if self._named:
+            for name in ATTRIBUTE_VALUES:
+                rows = torch.cat([m[name] for m in self._named])
+                hits = predicted[name][rows] == targets[name][rows]
+                result[name]["named_n"] = int(rows.sum())
+                result[name]["named_accuracy"] = float(hits.double().mean()) if hits.numel() else None
         result["n"] = int(targets["shape"].numel())
         return result
 

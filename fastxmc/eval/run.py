@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from fastxmc.atomic import atomic_torch_save, atomic_write_text
 from fastxmc.data.loader import build_loader
+from fastxmc.data.shapes import named_attributes
 from fastxmc.eval.attributes import AttributeAccuracy, ensure_attribute_classifier, is_single_object
 from fastxmc.eval.inception import load_inception
 from fastxmc.eval.metrics import (FeatureStats, fid_from_stats, inception_score,
@@ -225,15 +226,20 @@ class AttributeTargets:
         folder = Path(loader.data.root) / "val"
         by_name = {Path(r["image"]).name: r for r in read_attributes(folder)}
         self.records = [by_name[Path(r.path).name] for r in loader.data.records]
+        self.captions = [r.captions for r in loader.data.records]
         self.scored = 0
         self.meter = AttributeAccuracy(ensure_attribute_classifier(loader.data.root, cache_dir=cache_dir,
                                                                    progress=progress))
 
-    def update(self, images: torch.Tensor, index: torch.Tensor) -> None:
-        records = [self.records[i] for i in index.tolist()]
+    def update(self, images: torch.Tensor, index: torch.Tensor, caption: torch.Tensor) -> None:
+        """Score the single-object rows; ``caption`` (the loader's caption index per row) tells
+        which attributes each row's caption names."""
+        index, caption = index.tolist(), caption.tolist()
+        records = [self.records[i] for i in index]
         keep = [i for i, r in enumerate(records) if is_single_object(r)]
         if keep:
-            self.meter.update(images[keep].cpu(), [records[i] for i in keep])
+            named = [named_attributes(self.captions[index[i]][caption[i]]) for i in keep]
+            self.meter.update(images[keep].cpu(), [records[i] for i in keep], named)
             self.scored += len(keep)
 
 
@@ -257,7 +263,7 @@ def generated_features(run, loader, extractors: Extractors, opts: EvalOptions, a
                             .sentence.float().cpu())
             groups.append(batch["index"].cpu())
         if attributes is not None:
-            attributes.update(fakes, batch["index"].cpu())
+            attributes.update(fakes, batch["index"].cpu(), batch["caption"].cpu())
         bar.update(fakes.shape[0])
     bar.close()
     return features, (image_emb, text_emb, groups)
@@ -340,12 +346,16 @@ def report_lines(metrics: dict) -> list:
             lines.append(f"| {name} | {_number(metrics[name]['mean'])} ± {_number(metrics[name]['std'])} |")
     if "attributes" in metrics:
         attrs = metrics["attributes"]
-        lines += ["", f"Attribute accuracy on {attrs['n']} single-object captions:", "",
-                  "| attribute | generated | real val | chance |", "|---|---|---|---|"]
+        lines += ["", f"Attribute accuracy on {attrs['n']} single-object captions (\"named\": only the "
+                  "captions that name the attribute):", "",
+                  "| attribute | generated | generated, named (n) | real val | chance |",
+                  "|---|---|---|---|---|"]
         for key, row in attrs.items():
             if key != "n":
-                lines.append(f"| {key} | {_number(row['accuracy'])} | {_number(row['real_val_accuracy'])} "
-                             f"| {_number(row['chance'])} |")
+                named = (f"{_number(row['named_accuracy'])} ({row['named_n']})"
+                         if row.get("named_n") else "n/a")
+                lines.append(f"| {key} | {_number(row['accuracy'])} | {named} "
+                             f"| {_number(row['real_val_accuracy'])} | {_number(row['chance'])} |")
     extractors = ", ".join(f"{k}: `{v}`" for k, v in metrics["extractors"].items())
     lines += ["", f"Feature extractors: {extractors}.", ""]
     return lines

@@ -77,8 +77,8 @@ def settings_lines(opts: AblationOptions, timings: dict) -> list:
 
 def table_lines(opts: AblationOptions, results: dict) -> list:
     lines = ["| variant | what it adds | FID_dual ↓ | KID_dual ↓ | R-precision ↑ | attributes ↑ (mean) | "
-             + " | ".join(ATTRIBUTES) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(ATTRIBUTES)]
+             + " | ".join(ATTRIBUTES) + " | position, named |",
+             "|---|---|---|---|---|---|" + "---|" * (len(ATTRIBUTES) + 1)]
     for variant in opts.variants:
         m = results[variant]
         rp, kid, attrs = m.get("r_precision") or {}, m.get("kid_dual") or {}, m.get("attributes") or {}
@@ -86,14 +86,17 @@ def table_lines(opts: AblationOptions, results: dict) -> list:
                  f"{_num(kid.get('mean'), 4)} ± {_num(kid.get('std'), 4)}",
                  f"{_num(rp.get('mean'))} ± {_num(rp.get('std'))}", _num(attribute_mean(m))]
         cells += [_num(attrs[a]["accuracy"]) if a in attrs else "n/a" for a in ATTRIBUTES]
+        cells.append(_num((attrs.get("position") or {}).get("named_accuracy")))
         lines.append("| " + " | ".join(cells) + " |")
     any_metrics = next(iter(results.values()))
     if any_metrics.get("attributes"):
         attrs = any_metrics["attributes"]
         for label, key in (("real validation images", "real_val_accuracy"), ("chance", "chance")):
             cells = [label, "", "", "", "", _num(attribute_mean(any_metrics, key))]
-            cells += [_num(attrs[a][key]) for a in ATTRIBUTES]
+            cells += [_num(attrs[a][key]) for a in ATTRIBUTES] + [""]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "*position, named*: position accuracy on the captions that name a position only "
+              "(the others leave it to chance)."]
     return lines
 
 
