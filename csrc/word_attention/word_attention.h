@@ -27,6 +27,24 @@
 
 namespace fastxmc {
 
+// The shape, mask and rho checks both backends share (device and dtype rules differ per backend).
+inline void check_word_attention_shapes(const char* fn, const at::Tensor& q, const at::Tensor& w,
+                                        const at::Tensor& mask, double rho) {
+  TORCH_CHECK(q.dim() == 3, fn, ": queries must be 3-D (B, R, D), got shape ", q.sizes());
+  TORCH_CHECK(w.dim() == 3, fn, ": words must be 3-D (B, T, D), got shape ", w.sizes());
+  TORCH_CHECK(w.size(0) == q.size(0) && w.size(2) == q.size(2), fn,
+              ": queries (B, R, D) and words (B, T, D) must agree on B and D, got ", q.sizes(),
+              " and ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == q.scalar_type(), fn, ": words must have the queries' dtype ",
+              q.scalar_type(), ", got ", w.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, fn, ": word_mask must be bool, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == w.size(0) && mask.size(1) == w.size(1), fn,
+              ": word_mask must have shape (B, T) = (", w.size(0), ", ", w.size(1), "), got ",
+              mask.sizes());
+  TORCH_CHECK(rho > 0, fn, ": rho must be positive, got ", rho);
+}
+
 std::tuple<at::Tensor, at::Tensor> word_attention_forward_cpu(
     const at::Tensor& queries, const at::Tensor& words, const at::Tensor& word_mask, double rho);
 

@@ -339,22 +339,10 @@ void check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& w,
   check_cpu(fn, "queries", q);
   check_cpu(fn, "words", w);
   check_cpu(fn, "word_mask", mask);
-  TORCH_CHECK(q.dim() == 3, fn, ": queries must be 3-D (B, R, D), got shape ", q.sizes());
-  TORCH_CHECK(w.dim() == 3, fn, ": words must be 3-D (B, T, D), got shape ", w.sizes());
-  TORCH_CHECK(w.size(0) == q.size(0) && w.size(2) == q.size(2), fn,
-              ": queries (B, R, D) and words (B, T, D) must agree on B and D, got ", q.sizes(),
-              " and ", w.sizes());
+  check_word_attention_shapes(fn, q, w, mask, rho);
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, fn,
               ": queries must be float32, float16, bfloat16 or float64, got ", dt);
-  TORCH_CHECK(w.scalar_type() == dt, fn, ": words must have the queries' dtype ", dt, ", got ",
-              w.scalar_type());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, fn, ": word_mask must be bool, got ",
-              mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == w.size(0) && mask.size(1) == w.size(1), fn,
-              ": word_mask must have shape (B, T) = (", w.size(0), ", ", w.size(1), "), got ",
-              mask.sizes());
-  TORCH_CHECK(rho > 0, fn, ": rho must be positive, got ", rho);
 }
 
 void check_rows(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& q) {
