@@ -76,6 +76,7 @@ from benchmarks import sweep as sweeps
 from fastxmc.data.loader import build_loader
 from fastxmc.models.discriminator import DiscriminatorOutput
 from fastxmc.ops.infonce import registry as info_nce_registry
+from fastxmc.ops.infonce import request_for as info_nce_request
 from fastxmc.ops.modulated_bn import registry as modulated_bn_registry
 from fastxmc.ops.region_word import registry as region_word_registry
 from fastxmc.ops.region_word import request_for as region_word_request
@@ -396,12 +397,14 @@ def provider_env(provider: str):
             os.environ[IMPL_ENV] = saved
 
 
-def backends_in_use(device: torch.device) -> dict:
+def backends_in_use(device: torch.device, batch: int) -> dict:
     """op -> the backend its registry picks now for fp32 tensors on ``device`` (the region-word
-    loss for D's 16 x 16 = 256 regions)."""
+    loss for D's 16 x 16 = 256 regions, the contrastive terms for batch x batch logits)."""
     def request(op):
         if op == "region_word_loss":
             return region_word_request(device, torch.float32, REGIONS)
+        if op == "info_nce":
+            return info_nce_request(device, torch.float32, batch * batch)
         return Request(device, torch.float32)
     return {op: registry.select(request(op)) for op, registry in OP_REGISTRIES.items()}
 
@@ -461,7 +464,8 @@ def prepare(bench: BenchConfig, provider: str, data_backend: str, device, warmup
         for _ in range(warmup):
             one_step(run, stream, device, instrument=False)
         return Contender(provider, run, stream, getattr(source, "backend", "synthetic"),
-                         backends_in_use(device), (time.perf_counter() - begin) / warmup)
+                         backends_in_use(device, bench.cfg.run.batch_size),
+                         (time.perf_counter() - begin) / warmup)
 
 
 @dataclass

@@ -155,3 +155,35 @@ def test_environment_variable_forces_backend(monkeypatch):
         info_nce(torch.randn(3, 2), torch.randn(3, 2))
     monkeypatch.setenv("FASTXMC_IMPL", "torch")
     info_nce(torch.randn(3, 2), torch.randn(3, 2))
+
+
+def test_automatic_choice_on_cpu_takes_the_reference_only_for_small_local_calls(monkeypatch):
+    """Below SMALL_CPU_LOGITS the materialized reference is faster than the C++ kernels (which
+    recompute the GEMM in the backward); above it, or when forced, the kernels run."""
+    from fastxmc.losses import infonce as losses_infonce
+    from fastxmc.ops import infonce as ops_infonce
+    from fastxmc.ops.registry import IMPL_ENV
+
+    monkeypatch.delenv(IMPL_ENV, raising=False)
+    cpu, limit = torch.device("cpu"), ops_infonce.SMALL_CPU_LOGITS
+    select = ops_infonce.registry.select
+    assert select(ops_infonce.request_for(cpu, torch.float32, limit)) == "reference"
+    assert select(ops_infonce.request_for(cpu, torch.float32, limit + 1)) == "cpu"
+    assert select(ops_infonce.request_for(cpu, torch.float32, None)) == "cpu"   # global negatives
+    assert select(ops_infonce.request_for(cpu, torch.float32, 16), impl="cpu") == "cpu"
+    monkeypatch.setenv(IMPL_ENV, "torch")
+    assert select(ops_infonce.request_for(cpu, torch.float32, 16)) == "torch"
+    monkeypatch.delenv(IMPL_ENV)
+    # The losses pass their local N x M: record what each call asked for.
+    seen = []
+    real = losses_infonce._choose_backend
+
+    def spy(device, dtype, impl, logits=None):
+        seen.append(logits)
+        return real(device, dtype, impl, logits)
+    monkeypatch.setattr(losses_infonce, "_choose_backend", spy)
+    a, b = torch.randn(6, 4), torch.randn(5, 4)
+    torch.testing.assert_close(info_nce(a, b, 0.1, targets=torch.arange(6) % 5),
+                               info_nce(a, b, 0.1, targets=torch.arange(6) % 5, impl="cpu"))
+    supcon(a, torch.tensor([0, 1, 0, 1, 2, 2]))
+    assert seen == [30, 30, 36]

@@ -14,15 +14,14 @@ from torch import nn
 
 from fastxmc.losses import distributed as dist_ops
 from fastxmc.losses import validation as check
-from fastxmc.ops.infonce import registry, similarity_lse
-from fastxmc.ops.registry import Request
+from fastxmc.ops.infonce import registry, request_for, similarity_lse
 from fastxmc.reference.infonce import info_nce_reference, supcon_reference
 
 
 @torch._dynamo.assume_constant_result
-def _choose_backend(device: torch.device, dtype: torch.dtype, impl) -> str:
+def _choose_backend(device: torch.device, dtype: torch.dtype, impl, logits=None) -> str:
     # Evaluated eagerly while torch.compile traces (the choice reads files and the environment).
-    return registry.select(Request(device, dtype), impl)
+    return registry.select(request_for(device, dtype, logits), impl)
 
 
 # ---------------------------------------------------------------- positives without the N x M mask
@@ -187,7 +186,8 @@ def info_nce(a, b, temperature=0.1, *, targets=None, labels=None, labels_b=None,
     out of the mean. Note XMC-GAN sums the two directions: that is ``2 * info_nce(...)``.
     """
     _check_info_nce(a, b, temperature, targets, labels, labels_b, reduction, symmetric, group)
-    backend = _choose_backend(a.device, a.dtype, impl)
+    local = None if group is not None else a.shape[0] * b.shape[0]
+    backend = _choose_backend(a.device, a.dtype, impl, local)
     batch = _Batch(group, a.device)
     if backend == "reference":
         return _info_nce_reference_global(a, b, temperature, targets, labels, labels_b, symmetric,
@@ -253,7 +253,8 @@ def supcon(features, labels, temperature=0.07, *, normalize=True, reduction="mea
     check.check_index_vector("labels", labels, features.shape[0], features.device)
     check.check_temperature(temperature)
     check.check_reduction(reduction)
-    backend = _choose_backend(features.device, features.dtype, impl)
+    local = None if group is not None else features.shape[0] ** 2
+    backend = _choose_backend(features.device, features.dtype, impl, local)
     batch = _Batch(group, features.device)
     sizes, offset = batch.layout(features.shape[0])
     if backend == "reference":

@@ -1,7 +1,8 @@
 """Declarative backend registry and dispatch, shared by every fused op.
 
 Each backend states what it cannot run through ``unsupported(request) -> list[str]`` (empty: it can).
-Dispatch walks a per-device priority list; ``impl=`` or the ``FASTXMC_IMPL`` environment variable
+Dispatch walks a per-device priority list (a ``"<device>+<feature>"`` entry, when the request has
+that feature, replaces the device's list); ``impl=`` or the ``FASTXMC_IMPL`` environment variable
 forces one backend, which then either runs or raises an error listing why it cannot. The automatic
 choice never raises while any backend fits: when a preferred backend is skipped it falls back with
 one warning per (op, reason) so a missing build does not go unnoticed.
@@ -41,7 +42,7 @@ class BackendUnavailableError(RuntimeError):
 @dataclass
 class OpRegistry:
     op: str
-    priority: dict  # device type -> ordered backend names; "default" for any other device
+    priority: dict  # device type (or "type+feature") -> ordered backend names; "default" otherwise
     backends: dict = field(default_factory=dict)
     _warned: set = field(default_factory=set)
 
@@ -72,8 +73,16 @@ class OpRegistry:
                 f"{request.dtype} inputs: " + "; ".join(why))
         return name
 
+    def order(self, request: Request) -> list:
+        """The backends the automatic choice tries, in order."""
+        device = request.device.type
+        for feature in sorted(request.features):
+            if f"{device}+{feature}" in self.priority:
+                return self.priority[f"{device}+{feature}"]
+        return self.priority.get(device, self.priority["default"])
+
     def _automatic(self, request: Request) -> str:
-        order = self.priority.get(request.device.type, self.priority["default"])
+        order = self.order(request)
         skipped = []
         for name in order:
             why = self.backends[name].unsupported(request)
