@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from fastxmc.atomic import atomic_torch_save, atomic_write_text
 from fastxmc.data.loader import build_loader
-from fastxmc.data.shapes import named_attributes
+from fastxmc.data.shapes import named_attributes, read_attributes
 from fastxmc.eval.attributes import AttributeAccuracy, ensure_attribute_classifier, is_single_object
 from fastxmc.eval.inception import load_inception
 from fastxmc.eval.metrics import (FeatureStats, fid_from_stats, inception_score,
@@ -221,8 +221,6 @@ class AttributeTargets:
     """The attribute records of the shapes validation images, looked up by the loader's index."""
 
     def __init__(self, loader, cache_dir, progress: bool):
-        from fastxmc.data.shapes import read_attributes
-
         folder = Path(loader.data.root) / "val"
         by_name = {Path(r["image"]).name: r for r in read_attributes(folder)}
         self.records = [by_name[Path(r.path).name] for r in loader.data.records]

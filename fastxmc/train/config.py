@@ -134,7 +134,7 @@ def preset_shapes() -> TrainConfig:
 
     32px, one object per image on a gradient background (5000 training images, 25k captions keep the
     one-time caption encoding short), G/D width 16, 16 images per D step. Measured on the 2-core
-    machine: 1.3 s per step on one thread, the same images/s as 64px at batch 8 (at width 16
+    machine: 1.0 s per step on one thread (one D step), the same images/s as 64px at batch 8 (at width 16
     every stage of these networks costs about the same, so 64px only adds a stage).
 
     Why the rest differs from the paper's recipe at this scale (see the README): with its 2 D steps per
