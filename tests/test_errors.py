@@ -46,3 +46,21 @@ def test_forced_backend_that_cannot_run_lists_why():
         info_nce(A, B, impl="cuda")
     with pytest.raises(BackendUnavailableError, match="impl='triton'.*float64"):
         info_nce(A.double(), B.double(), impl="triton")
+
+
+def test_triton_unavailable_reasons_say_what_to_do(monkeypatch):
+    """The shared runtime check behind every Triton backend (fastxmc.ops.triton.runtime)."""
+    from fastxmc.ops.triton import runtime
+
+    if runtime.triton is None:  # no Triton at all: the import error is the reason on any device
+        assert runtime.triton_unavailable_reason("cpu").startswith("triton is not importable")
+        return
+    assert runtime.INTERPRET  # tests/conftest.py sets TRITON_INTERPRET=1 before fastxmc is imported
+    assert runtime.triton_unavailable_reason("cpu") is None
+    monkeypatch.setattr(runtime, "INTERPRET", False)  # as if the variable came after the import
+    assert "set it before importing fastxmc" in runtime.triton_unavailable_reason("cpu")
+    monkeypatch.setattr(runtime, "interpret_env", lambda: False)
+    assert "need a CUDA device, got 'cpu'" in runtime.triton_unavailable_reason("cpu")
+    monkeypatch.setattr(runtime, "triton", None)
+    monkeypatch.setattr(runtime, "TRITON_IMPORT_ERROR", "triton is not importable (ImportError: x)")
+    assert runtime.triton_unavailable_reason("cpu").startswith("triton is not importable")

@@ -22,38 +22,17 @@ see the kernel); fp32 tiles use ``input_precision="ieee"`` so the results match 
 (no TF32). Note that Triton lowers an "ieee" fp32 dot to CUDA-core FMAs, not tensor cores: the fp32
 path is the accurate one, bf16/fp16 the fast one.
 
-CPU testing: with ``TRITON_INTERPRET=1`` in the environment *before this module is imported*
-(``triton.jit`` decides at decoration time whether a kernel is compiled or interpreted), the same
-kernels run on CPU tensors through Triton's numpy interpreter, with one small fixed tile config.
+CPU testing: with ``TRITON_INTERPRET=1`` in the environment before fastxmc is imported (see
+``fastxmc.ops.triton.runtime``), the same kernels run on CPU tensors through Triton's numpy
+interpreter, with one small fixed tile config.
 """
-import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
-try:  # The package must import (and report why) without Triton.
-    import triton
-    import triton.language as tl
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # ImportError, or a broken install failing at import time
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
-
-
-def _interpret_env() -> bool:
-    """Whether the environment asks for Triton's interpreter (as Triton itself reads it)."""
-    if triton is not None:
-        try:
-            return bool(triton.knobs.runtime.interpret)
-        except AttributeError:  # older Triton without knobs
-            pass
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-# Fixed at import: kernels decorated now are interpreted iff this is True.
-_INTERPRET = triton is not None and _interpret_env()
+from fastxmc.ops.triton.runtime import INTERPRET as _INTERPRET
+from fastxmc.ops.triton.runtime import tl, triton, triton_unavailable_reason  # noqa: F401
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -69,25 +48,6 @@ _TUNE_BLOCK_N = (64, 128)
 _TUNE_BLOCK_K = (32, 64)
 _TUNE_WARPS = (4, 8)
 _GPU_PART_BLOCK_M = min(_TUNE_BLOCK_M)
-
-
-def triton_unavailable_reason(device) -> Optional[str]:
-    """None when these kernels can run on ``device``, else a human-readable reason."""
-    if triton is None:
-        return _TRITON_IMPORT_ERROR
-    device = torch.device(device)
-    if _INTERPRET:
-        # The interpreter copies any tensor to the host and back, so it runs everywhere torch does.
-        return None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return "torch.cuda is not available"
-        return None
-    if _interpret_env():
-        return ("TRITON_INTERPRET=1 was set after fastxmc.ops.triton.infonce was imported; "
-                "set it before importing fastxmc")
-    return (f"Triton kernels need a CUDA device, got {device.type!r} "
-            "(set TRITON_INTERPRET=1 before importing fastxmc to run them on CPU)")
 
 
 if triton is not None:

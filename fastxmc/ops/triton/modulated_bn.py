@@ -23,7 +23,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastxmc.ops.triton.infonce import _INTERPRET, triton, triton_unavailable_reason
+from fastxmc.ops.triton.runtime import INTERPRET as _INTERPRET
+from fastxmc.ops.triton.runtime import triton, triton_unavailable_reason
 
 if triton is not None:
     import triton.language as tl

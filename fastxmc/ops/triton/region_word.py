@@ -25,7 +25,7 @@ All tiles are fp32 (fp16/bf16 inputs are upcast once on the host, as the referen
 dots use ``input_precision="ieee"`` so the results match the fp32 oracle (no TF32).
 
 CPU testing: with ``TRITON_INTERPRET=1`` set before fastxmc is imported, the kernels run on CPU
-tensors in Triton's interpreter with one small fixed tile config (see ``fastxmc.ops.triton.infonce``).
+tensors in Triton's interpreter with one small fixed tile config (see ``fastxmc.ops.triton.runtime``).
 """
 from __future__ import annotations
 
@@ -34,11 +34,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from fastxmc.ops.triton import infonce as _shared
-from fastxmc.ops.triton.infonce import triton, tl, triton_unavailable_reason  # noqa: F401
-
-# Kernels decorated below are interpreted iff the shared flag (read once at import) says so.
-_INTERPRET = _shared._INTERPRET
+from fastxmc.ops.triton.runtime import INTERPRET as _INTERPRET
+from fastxmc.ops.triton.runtime import tl, triton, triton_unavailable_reason  # noqa: F401
 
 NORM_EPS = 1e-12           # on squared norms, as the reference's l2_normalize
 MAX_REGIONS = 256          # R is held whole in registers: RP x BLOCK_M fp32 tiles
@@ -48,6 +45,19 @@ _TUNE = [(bm, bd, w) for bm in (16, 32) for bd in (32, 64) for w in (4, 8)]
 
 
 if triton is not None:
+
+    @triton.jit
+    def _program_tile(NW, R, D, BLOCK_M: tl.constexpr, RP: tl.constexpr):
+        """This program's image and block of BLOCK_M word rows: (img, in-block rows, rows, row_ok,
+        regions, region_ok, and the element offsets of the word block and of the image's regions).
+        The offsets are 64-bit; everything indexed inside a tile stays int32."""
+        img = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1)
+        r_loc = tl.arange(0, BLOCK_M)
+        rows = pid_m * BLOCK_M + r_loc
+        ks = tl.arange(0, RP)
+        return (img, r_loc, rows, rows < NW, ks, ks < R, pid_m.to(tl.int64) * BLOCK_M * D,
+                img * R * D)
 
     @triton.jit
     def _similarity_tile(wn_blk_ptr, rn_img_ptr, r_loc, ks, row_ok, k_ok, D,
@@ -74,6 +84,14 @@ if triton is not None:
         return attn, tl.sum(attn * sim, axis=1)
 
     @triton.jit
+    def _similarity_attention(wn_blk_ptr, rn_img_ptr, r_loc, ks, row_ok, k_ok, D, gamma1,
+                              BLOCK_M: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr):
+        """sim, its attention A and p = rowsum(A sim) for the program's word block and image."""
+        sim = _similarity_tile(wn_blk_ptr, rn_img_ptr, r_loc, ks, row_ok, k_ok, D, BLOCK_M, RP, BLOCK_D)
+        attn, p = _attention(sim, k_ok, gamma1)
+        return sim, attn, p
+
+    @triton.jit
     def _region_chunk(rn_img_ptr, ks, k_ok, d0, D, RP: tl.constexpr, BLOCK_D: tl.constexpr):
         """rn_i[:, d0:d0 + BLOCK_D] as an (RP, BLOCK_D) tile, and the chunk's column indices."""
         ds = d0 + tl.arange(0, BLOCK_D)
@@ -88,19 +106,10 @@ if triton is not None:
             cos_ptr,                   # out (B_img, NW) fp32
             NW, R, D, gamma1,
             RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        img = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1)
-        r_loc = tl.arange(0, BLOCK_M)
-        rows = pid_m * BLOCK_M + r_loc
-        row_ok = rows < NW
-        ks = tl.arange(0, RP)
-        k_ok = ks < R
-        wn_blk_ptr = wn_ptr + pid_m.to(tl.int64) * BLOCK_M * D
-        rn_img_ptr = rn_ptr + img * R * D
-
-        sim = _similarity_tile(wn_blk_ptr, rn_img_ptr, r_loc, ks, row_ok, k_ok, D,
-                               BLOCK_M, RP, BLOCK_D)
-        attn, p = _attention(sim, k_ok, gamma1)
+        img, r_loc, rows, row_ok, ks, k_ok, wn_blk_off, rn_img_off = _program_tile(NW, R, D, BLOCK_M, RP)
+        wn_blk_ptr, rn_img_ptr = wn_ptr + wn_blk_off, rn_ptr + rn_img_off
+        sim, attn, p = _similarity_attention(wn_blk_ptr, rn_img_ptr, r_loc, ks, row_ok, k_ok, D, gamma1,
+                                             BLOCK_M, RP, BLOCK_D)
         q = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             r, ds, d_ok = _region_chunk(rn_img_ptr, ks, k_ok, d0, D, RP, BLOCK_D)
@@ -117,21 +126,11 @@ if triton is not None:
             d_wn_ptr, d_rn_ptr,        # out, zero-filled fp32, accumulated with atomics
             NW, B_cap, T, R, D, gamma1, gamma2,
             RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        img = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1)
-        r_loc = tl.arange(0, BLOCK_M)
-        rows = pid_m * BLOCK_M + r_loc
-        row_ok = rows < NW
-        ks = tl.arange(0, RP)
-        k_ok = ks < R
-        wn_blk_ptr = wn_ptr + pid_m.to(tl.int64) * BLOCK_M * D
-        d_wn_blk_ptr = d_wn_ptr + pid_m.to(tl.int64) * BLOCK_M * D
-        rn_img_ptr = rn_ptr + img * R * D
-        d_rn_img_ptr = d_rn_ptr + img * R * D
-
-        sim = _similarity_tile(wn_blk_ptr, rn_img_ptr, r_loc, ks, row_ok, k_ok, D,
-                               BLOCK_M, RP, BLOCK_D)
-        attn, p = _attention(sim, k_ok, gamma1)
+        img, r_loc, rows, row_ok, ks, k_ok, wn_blk_off, rn_img_off = _program_tile(NW, R, D, BLOCK_M, RP)
+        wn_blk_ptr, rn_img_ptr = wn_ptr + wn_blk_off, rn_ptr + rn_img_off
+        d_wn_blk_ptr, d_rn_img_ptr = d_wn_ptr + wn_blk_off, d_rn_ptr + rn_img_off
+        sim, attn, p = _similarity_attention(wn_blk_ptr, rn_img_ptr, r_loc, ks, row_ok, k_ok, D, gamma1,
+                                             BLOCK_M, RP, BLOCK_D)
         q = tl.zeros((BLOCK_M,), dtype=tl.float32)
         h = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):

@@ -22,62 +22,21 @@ registers; T is a caption length (17 to 64 here). Every input is upcast to fp32 
 the products use ``input_precision="ieee"``: the op is memory-bound (T is small), so tensor cores
 would buy little, and fp32 keeps the results at the reference's accuracy for every input dtype.
 
-CPU testing: with ``TRITON_INTERPRET=1`` set before this module is imported, the same kernels run
-on CPU tensors through Triton's interpreter, with one small fixed tile config.
+CPU testing: with ``TRITON_INTERPRET=1`` set before fastxmc is imported (``fastxmc.ops.triton.runtime``),
+the same kernels run on CPU tensors through Triton's interpreter, with one small fixed tile config.
 """
-import os
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-try:  # The package must import (and report why) without Triton.
-    import triton
-    import triton.language as tl
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # ImportError, or a broken install failing at import time
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
+from fastxmc.ops.triton.runtime import INTERPRET as _INTERPRET
+from fastxmc.ops.triton.runtime import tl, triton, triton_unavailable_reason  # noqa: F401
 
 NORM_EPS = 1e-12  # on the squared norm, as the reference code's l2_normalize
-
-
-def _interpret_env() -> bool:
-    """Whether the environment asks for Triton's interpreter (as Triton itself reads it)."""
-    if triton is not None:
-        try:
-            return bool(triton.knobs.runtime.interpret)
-        except AttributeError:  # older Triton without knobs
-            pass
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-# Fixed at import: kernels decorated now are interpreted iff this is True.
-_INTERPRET = triton is not None and _interpret_env()
-
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The one config used under the interpreter; BLOCK_D != BLOCK_R so a transposed index shows up.
 _INTERPRETER_CONFIG = {"BLOCK_R": 16, "BLOCK_D": 32}
 _GPU_BWD_BLOCK_R = 32  # the backward's rows per program on GPU
-
-
-def triton_unavailable_reason(device) -> Optional[str]:
-    """None when these kernels can run on ``device``, else a human-readable reason."""
-    if triton is None:
-        return _TRITON_IMPORT_ERROR
-    device = torch.device(device)
-    if _INTERPRET:
-        # The interpreter copies any tensor to the host and back, so it runs everywhere torch does.
-        return None
-    if device.type == "cuda":
-        return None if torch.cuda.is_available() else "torch.cuda is not available"
-    if _interpret_env():
-        return ("TRITON_INTERPRET=1 was set after fastxmc.ops.triton.word_attention was imported; "
-                "set it before importing fastxmc")
-    return (f"Triton kernels need a CUDA device, got {device.type!r} "
-            "(set TRITON_INTERPRET=1 before importing fastxmc to run them on CPU)")
 
 
 if triton is not None:
