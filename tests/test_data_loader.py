@@ -16,7 +16,7 @@ from fastxmc.data import loader as loader_mod
 from fastxmc.data.config import DataConfig
 from fastxmc.data.dali import dali_available
 from fastxmc.data.folder import write_records
-from fastxmc.data.loader import batches_per_epoch, build_loader, epoch_plan
+from fastxmc.data.loader import batches_per_epoch, build_loader, epoch_plan, grouped_order
 from fastxmc.data.sources import DataWarning, UnreadableImageError
 
 requires_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
@@ -90,6 +90,65 @@ def test_epoch_plan_shards_ranks(n, world, drop_last):
         assert len(set(everything.tolist())) == len(everything) == n // world * world
     else:
         assert set(everything.tolist()) == set(range(n)) and len(everything) == -(-n // world) * world
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("k", [2, 4])
+def test_grouped_order_keeps_same_label_runs_whole_in_every_rank(world, k):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(-1, 7, 203)            # 7 classes and some unlabelled samples
+    order = grouped_order(labels, k, np.random.default_rng([3, 1, 0]), world)
+    assert sorted(order.tolist()) == list(range(203))      # a permutation: every sample once
+    pure = 0
+    for r in range(world):
+        share = order[r::world]
+        runs = share[: len(share) // k * k].reshape(-1, k)
+        pure += sum(len(set(labels[run].tolist())) == 1 and labels[run[0]] >= 0 for run in runs)
+    # every label fills all but fewer than k of its samples into runs of its own (the leftovers and
+    # the unlabelled samples make mixed runs); the last world - 1 runs at most are not interleaved
+    # per rank, so striding splits them
+    expected = sum((labels == c).sum() // k for c in range(7))
+    assert expected - (world - 1) <= pure <= expected
+    # deterministic in the rng, and different seeds give different orders
+    again = grouped_order(labels, k, np.random.default_rng([3, 1, 0]), world)
+    assert np.array_equal(order, again)
+    assert not np.array_equal(order, grouped_order(labels, k, np.random.default_rng([4, 1, 0]), world))
+
+
+def test_label_groups_make_batches_of_same_label_runs(cache_dir):
+    cfg = _shapes(cache_dir, backend="torch", workers=0, shapes_train=96, label_groups=2)
+    loader = build_loader(cfg, batch_size=8, seed=1, progress=False)
+    labels = loader.data.primary_labels()
+    pure = total = 0
+    for batch in loader:
+        pairs = batch["label"].reshape(-1, 2)
+        pure += int((pairs[:, 0] == pairs[:, 1]).sum())
+        total += len(pairs)
+    # 48 classes over 96 images: about half the samples have a same-label partner
+    whole_pairs = sum((labels == c).sum() // 2 for c in np.unique(labels))
+    assert pure >= min(whole_pairs, total) - 2 and pure > total // 4
+    plain = build_loader(_shapes(cache_dir, backend="torch", workers=0, shapes_train=96), batch_size=8,
+                         seed=1, progress=False)
+    chance = sum(int((b["label"].reshape(-1, 2)[:, 0] == b["label"].reshape(-1, 2)[:, 1]).sum())
+                 for b in plain)
+    assert pure > chance + 10
+    # resume: the state names the option, and a loader without it refuses the state
+    state = loader.state_dict()
+    assert state["label_groups"] == 2
+    with pytest.raises(ValueError, match="label_groups was 2"):
+        plain.load_state_dict(state)
+    old = dict(plain.state_dict())
+    del old["label_groups"]                    # a state saved before the option: groups off
+    plain.load_state_dict(old)
+    # errors: the groups must tile the batch, and need labels
+    with pytest.raises(ValueError, match=r"data.label_groups \(3\) must divide the batch size \(8\)"):
+        build_loader(_shapes(cache_dir, shapes_train=96, label_groups=3), batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=r"DataConfig.label_groups must be in \[0, 4096\], got -1"):
+        _shapes(cache_dir, label_groups=-1)
+    # an unshuffled (evaluation) loader ignores the option
+    val = build_loader(_shapes(cache_dir, label_groups=3), split="val", batch_size=4, shuffle=False,
+                       progress=False)
+    assert [b["index"].tolist() for b in val] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 # ---------------------------------------------------------------------------------------------

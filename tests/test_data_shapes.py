@@ -262,7 +262,7 @@ def test_background_kinds_and_single_objects_are_configurable():
     default = ShapesConfig(resolution=32, n_train=40, n_val=0, seed=5)
     assert default.backgrounds == shapes.BACKGROUND_KINDS
     fields = dataclasses.asdict(default)
-    del fields["backgrounds"]
+    del fields["backgrounds"], fields["object_scale"]
     before = json.dumps({"generator_version": shapes.GENERATOR_VERSION, **fields}, sort_keys=True)
     assert shapes.config_hash(default) == hashlib.sha256(before.encode()).hexdigest()
     assert shapes.config_hash(default) != shapes.config_hash(cfg)
@@ -271,6 +271,30 @@ def test_background_kinds_and_single_objects_are_configurable():
     for bad in ((), ("gradient", "gradient"), ("plaid",)):
         with pytest.raises(ValueError, match="backgrounds must be distinct kinds"):
             ShapesConfig(backgrounds=bad)
+
+
+def test_object_scale_enlarges_the_objects_and_keeps_everything_else():
+    base = ShapesConfig(resolution=32, n_train=20, n_val=0, seed=2, max_objects=1)
+    big = dataclasses.replace(base, object_scale=1.3)
+    for i in range(20):
+        a, b = (generate_sample(sample_rng(c, "train", i), c) for c in (base, big))
+        # the same draws: captions, labels and positions are unchanged, only the drawing grows
+        assert a.captions == b.captions and a.label == b.label
+        oa, ob = a.attributes["objects"][0], b.attributes["objects"][0]
+        assert oa["center"] == ob["center"] and oa["size"] == ob["size"]
+        assert ob["half_size"] == pytest.approx(oa["half_size"] * 1.3, abs=1e-4)
+        rgb = np.array(shapes.COLOR_RGB[oa["color"]], np.int16)
+        covered = [(np.abs(np.asarray(s.image, np.int16) - rgb).max(axis=2) <= 12).sum() for s in (a, b)]
+        assert covered[1] > 1.3 * covered[0] > 0  # painted area grows about with the scale squared
+    # 1.0 keeps the cache key datasets had before the option; another scale is another dataset
+    fields = dataclasses.asdict(base)
+    del fields["object_scale"], fields["backgrounds"]  # both at their defaults
+    before = json.dumps({"generator_version": shapes.GENERATOR_VERSION, **fields}, sort_keys=True)
+    assert shapes.config_hash(base) == hashlib.sha256(before.encode()).hexdigest()
+    assert shapes.config_hash(big) != shapes.config_hash(base)
+    for bad in (0.2, 2.0):
+        with pytest.raises(ValueError, match="object_scale must be in"):
+            dataclasses.replace(base, object_scale=bad)
 
 
 def test_named_attributes_follow_the_caption_words():

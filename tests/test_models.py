@@ -348,6 +348,24 @@ def test_attention_every_block_adds_one_query_per_block():
     torch.testing.assert_close(a(*args), b(*args), rtol=0, atol=0)
 
 
+def test_text_stem_lets_the_sentence_lay_out_the_4x4_map():
+    stems = {}
+    for text_stem in (False, True):
+        torch.manual_seed(5)
+        G = _generator(32, text_stem=text_stem)
+        assert G.stem.in_features == (2 * Z_DIM if text_stem else Z_DIM)
+        outputs = []
+        G.stem.register_forward_hook(lambda module, args, out: outputs.append(out.detach()))
+        z = torch.randn(1, Z_DIM).expand(2, -1)       # one z, two different sentences
+        G(z, *_text(batch=2))
+        stems[text_stem] = outputs[0]
+    # the reference's stem sees z only: equal rows; the text stem's rows differ with the sentence
+    torch.testing.assert_close(stems[False][0], stems[False][1], rtol=0, atol=0)
+    assert (stems[True][0] - stems[True][1]).abs().max() > 1e-3
+    # off by default, so the 128px model keeps the reference's parameter count
+    assert not Generator(128, 768).text_stem
+
+
 def test_construction_and_forward_are_deterministic():
     def run():
         torch.manual_seed(11)

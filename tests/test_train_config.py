@@ -180,3 +180,14 @@ def test_resume_uses_the_saved_config_plus_overrides(tmp_path):
     assert cfg.preset == "tiny" and cfg.loss.word_weight == 0.25 and cfg.run.steps == 8
     with pytest.raises(FileNotFoundError, match="config.json does not exist"):
         config_for(parse_command_line(["--out", str(tmp_path / "none"), "--resume"]))
+
+
+def test_model_and_data_options_reach_the_networks_and_the_dataset():
+    from fastxmc.train.config import discriminator_kwargs, generator_kwargs
+
+    cfg = build_config("shapes", [("model.g_text_stem", "true"), ("data.shapes_object_scale", "1.3"),
+                                  ("data.label_groups", "2")])
+    assert generator_kwargs(cfg)["text_stem"] is True and discriminator_kwargs(cfg)["coords"] is True
+    assert cfg.data.shapes_config().object_scale == 1.3 and cfg.data.label_groups == 2
+    with pytest.raises(ValueError, match="shapes_object_scale.*object_scale must be in"):
+        build_config("shapes", [("data.shapes_object_scale", "3.0")])

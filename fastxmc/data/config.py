@@ -45,12 +45,14 @@ class DataConfig:
     flip: bool = True                   # random horizontal flip on the train split
     strict: bool = False                # an unreadable image is an error instead of a skipped sample
     two_captions: bool = False          # also return a second, different caption of each image
+    label_groups: int = 0               # batches made of runs of this many same-label samples; 0: off
     cache_dir: str | None = None        # text caches, image checks, the shapes dataset
     shapes_train: int = 20000           # shapes dataset: images in the train split
     shapes_val: int = 1000              # shapes dataset: images in the val split
     shapes_seed: int = 0                # shapes dataset: generator seed
     shapes_max_objects: int = 2         # shapes dataset: 1 or 2 objects per image
     shapes_backgrounds: str = "gradient,stripes,checkered,speckled"  # shapes dataset: background kinds
+    shapes_object_scale: float = 1.0    # shapes dataset: object size multiplier
     coco_year: str = "2014"             # coco: annotation/image folder year
     cub_bbox_crop: bool = False         # cub: crop to 1.5x the bird's bounding box (AttnGAN)
     ln_source: str = "coco"             # ln: narratives over "coco" or "open_images" images
@@ -69,6 +71,7 @@ class DataConfig:
         _check_int("max_tokens", self.max_tokens, 3, 4096, optional=True)
         _check_int("workers", self.workers, 0, 256, optional=True)
         _check_int("prefetch", self.prefetch, 1, 64)
+        _check_int("label_groups", self.label_groups, 0, 4096)
         for name in ("shapes_train", "shapes_val", "shapes_seed"):
             _check_int(name, getattr(self, name), 0, 2**31 - 1)
         for name in ("flip", "strict", "two_captions", "cub_bbox_crop"):
@@ -87,7 +90,8 @@ class DataConfig:
             try:
                 self.shapes_config()
             except ValueError as err:  # name the DataConfig fields, not ShapesConfig's
-                raise ValueError(f"DataConfig.shapes_max_objects / shapes_backgrounds: {err}") from None
+                raise ValueError(f"DataConfig.shapes_max_objects / shapes_backgrounds / "
+                                 f"shapes_object_scale: {err}") from None
         return self
 
     def resolved_max_tokens(self) -> int:
@@ -108,7 +112,8 @@ class DataConfig:
         from fastxmc.data.shapes import ShapesConfig
         return ShapesConfig(resolution=self.resolution, n_train=self.shapes_train, n_val=self.shapes_val,
                             seed=self.shapes_seed, max_objects=self.shapes_max_objects,
-                            backgrounds=tuple(k.strip() for k in self.shapes_backgrounds.split(",")))
+                            backgrounds=tuple(k.strip() for k in self.shapes_backgrounds.split(",")),
+                            object_scale=self.shapes_object_scale)
 
     def to_dict(self) -> dict:
         return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)

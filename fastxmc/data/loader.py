@@ -20,7 +20,11 @@ flip of sample ``i`` are drawn from ``(seed, epoch)`` and looked up at ``i``, so
 on the train split when ``cfg.flip``. Under torchrun each rank takes every ``world_size``-th sample of
 the permutation (``rank::world_size``; with ``drop_last`` the permutation is cut to a multiple of
 ``world_size``, otherwise padded with its own first samples), then cuts its share into batches.
-``state_dict()`` is ``(epoch, position)`` plus what must match on resume; ``load_state_dict`` makes
+With ``cfg.label_groups = K`` the permutation is made of runs of K samples sharing their primary
+label (:func:`grouped_order`), laid out so that every rank's share keeps the runs whole: each batch
+(a multiple of K) then holds B/K labels, K samples each, which gives the contrastive terms hard
+negatives (same class, other attributes) and SupCon guaranteed positives, as metric learning's
+"m per class" samplers do. ``state_dict()`` is ``(epoch, position)`` plus what must match on resume; ``load_state_dict`` makes
 the next batch exactly the one that would have come next.
 
 Backends (``cfg.backend``; ``loader.backend`` and ``loader.backend_reason`` say which and why): both
@@ -54,9 +58,12 @@ from fastxmc.data.config import DataConfig
 from fastxmc.data.sources import SplitData, UnreadableImageError, load_split
 from fastxmc.data.text import CaptionCache, FrozenTextEncoder, open_caption_cache
 
-__all__ = ["Loader", "build_loader", "choose_backend", "epoch_plan", "EpochPlan", "load_image"]
+__all__ = ["Loader", "build_loader", "choose_backend", "epoch_plan", "EpochPlan", "grouped_order",
+           "load_image"]
 
 STATE_VERSION = 1
+# Identity fields added after version 1, with the value states saved before them imply.
+_IDENTITY_DEFAULTS = {"label_groups": 0}
 
 
 def choose_backend(requested: str, device: torch.device) -> tuple[str, str]:
@@ -103,16 +110,56 @@ def _rank_share(order: np.ndarray, rank: int, world_size: int, drop_last: bool) 
     return order[rank::world_size]
 
 
+def grouped_order(labels: np.ndarray, group_size: int, rng: np.random.Generator,
+                  world_size: int = 1) -> np.ndarray:
+    """A permutation of ``range(len(labels))`` made of runs of ``group_size`` samples that share a
+    label, in random order, arranged so that ``order[rank::world_size]`` keeps the runs whole.
+
+    Each label's samples are shuffled and cut into runs; what is left over (fewer than
+    ``group_size`` of a label, and unlabelled samples, label < 0) is shuffled and cut into mixed runs,
+    so every sample is used once per epoch. The runs are shuffled; every ``world_size`` consecutive
+    runs are interleaved element by element (rank r takes the r-th of them); a last incomplete set
+    of runs and the final partial run follow as they are.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    k = group_size
+    by_label = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[by_label])) + 1
+    runs, rest = [], []
+    for members in np.split(by_label, bounds):
+        if len(members) == 0:
+            continue
+        members = rng.permutation(members)
+        full = 0 if labels[members[0]] < 0 else len(members) // k * k
+        runs.append(members[:full].reshape(-1, k))
+        rest.append(members[full:])
+    rest = rng.permutation(np.concatenate(rest)) if rest else np.zeros(0, np.int64)
+    full = len(rest) // k * k
+    runs.append(rest[:full].reshape(-1, k))          # mixed-label runs of the leftovers
+    runs = np.concatenate(runs)
+    runs = runs[rng.permutation(len(runs))]
+    whole = len(runs) // world_size * world_size
+    body = runs[:whole].reshape(-1, world_size, k).transpose(0, 2, 1).ravel()
+    return np.concatenate([body, runs[whole:].ravel(), rest[full:]]).astype(np.int64)
+
+
 def epoch_plan(n_captions: np.ndarray, *, seed: int, epoch: int, batch_size: int, rank: int = 0,
                world_size: int = 1, shuffle: bool = True, drop_last: bool = True,
-               flip: bool = False) -> EpochPlan:
-    """The plan of ``epoch`` for ``rank``. ``n_captions`` (N,): captions per sample.
+               flip: bool = False, labels: np.ndarray | None = None,
+               label_groups: int = 0) -> EpochPlan:
+    """The plan of ``epoch`` for ``rank``. ``n_captions`` (N,): captions per sample; with
+    ``label_groups`` > 0 (and ``shuffle``), ``labels`` (N,) group the order (:func:`grouped_order`).
 
     Every draw depends on ``(seed, epoch)`` and the sample index only (see the module docstring).
     """
     n_captions = np.asarray(n_captions, dtype=np.int64)
     n = len(n_captions)
-    order = np.random.default_rng([seed, epoch, 0]).permutation(n) if shuffle else np.arange(n)
+    if not shuffle:
+        order = np.arange(n)
+    elif label_groups:
+        order = grouped_order(labels, label_groups, np.random.default_rng([seed, epoch, 0]), world_size)
+    else:
+        order = np.random.default_rng([seed, epoch, 0]).permutation(n)
     u = np.random.default_rng([seed, epoch, 1]).random((3, n))
     caption = np.minimum((u[0] * n_captions).astype(np.int64), n_captions - 1)
     others = np.maximum(n_captions - 1, 1)
@@ -242,6 +289,8 @@ class Loader:
         self._offsets = np.concatenate([[0], np.cumsum(self._n_captions)])
         self._rows = self._cache.rows(c for r in self.data.records for c in r.captions)
         self._labels = self.data.primary_labels()
+        if shuffle:  # an unshuffled loader (evaluation) reads in index order, without groups
+            _check_label_groups(cfg.label_groups, batch_size, self._labels, f"{cfg.dataset} {split!r} split")
         self.text_dim = self._cache.dim
         self.num_classes, self.label_names = self.data.num_classes, self.data.label_names
         self.stats = {"skipped_images": len(self.data.skipped), "truncated_captions": self._cache.truncated,
@@ -283,7 +332,8 @@ class Loader:
         """This rank's :class:`EpochPlan` for ``epoch``."""
         return epoch_plan(self._n_captions, seed=self.seed, epoch=epoch, batch_size=self.batch_size,
                           rank=self.rank, world_size=self.world_size, shuffle=self.shuffle,
-                          drop_last=self.drop_last, flip=self.cfg.flip and self.split == "train")
+                          drop_last=self.drop_last, flip=self.cfg.flip and self.split == "train",
+                          labels=self._labels, label_groups=self.cfg.label_groups if self.shuffle else 0)
 
     def __iter__(self) -> Iterator[dict]:
         if self.position >= len(self):
@@ -347,7 +397,8 @@ class Loader:
 
     def _identity(self) -> dict:
         return {"seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size,
-                "world_size": self.world_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
+                "world_size": self.world_size, "shuffle": self.shuffle, "drop_last": self.drop_last,
+                "label_groups": self.cfg.label_groups}
 
     def state_dict(self) -> dict:
         """Plain ints/bools: where the next batch comes from, and what must match to resume."""
@@ -358,8 +409,9 @@ class Loader:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a fastxmc loader state (version {STATE_VERSION}): {state!r}")
         for key, mine in self._identity().items():
-            if state.get(key) != mine:
-                raise ValueError(f"loader state mismatch: {key} was {state.get(key)!r} when saved, "
+            saved = state.get(key, _IDENTITY_DEFAULTS.get(key))
+            if saved != mine:
+                raise ValueError(f"loader state mismatch: {key} was {saved!r} when saved, "
                                  f"is {mine!r} now (the data or the loader settings changed)")
         epoch, position = state["epoch"], state["position"]
         valid = isinstance(epoch, int) and isinstance(position, int) and epoch >= 0
@@ -414,6 +466,16 @@ def _check_loader_args(batch_size, rank, world_size, seed) -> None:
             raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     if rank >= world_size:
         raise ValueError(f"rank must be < world_size, got rank={rank} world_size={world_size}")
+
+
+def _check_label_groups(group_size: int, batch_size: int, labels: np.ndarray, what: str) -> None:
+    if not group_size:
+        return
+    if batch_size % group_size:
+        raise ValueError(f"data.label_groups ({group_size}) must divide the batch size ({batch_size}), "
+                         "so that no run of same-label samples is split between batches")
+    if not (labels >= 0).any():
+        raise ValueError(f"data.label_groups={group_size} needs class labels, and the {what} has none")
 
 
 def build_loader(cfg: DataConfig, *, split: str = "train", batch_size: int, rank: int = 0,

@@ -118,6 +118,7 @@ class ShapesConfig:
     n_captions: int = 5             # distinct captions per image
     supersample: int = 4            # antialiasing factor for the shapes
     backgrounds: tuple = BACKGROUND_KINDS  # the background kinds drawn from (uniformly)
+    object_scale: float = 1.0       # multiplies the object sizes (_HALF_SIZE); > 1 for small images
 
     def __post_init__(self):
         if not (16 <= self.resolution <= 1024):
@@ -132,6 +133,9 @@ class ShapesConfig:
             raise ValueError(f"n_captions must be in [1, 10], got {self.n_captions}")
         if not (1 <= self.supersample <= 8):
             raise ValueError(f"supersample must be in [1, 8], got {self.supersample}")
+        if not (0.5 <= self.object_scale <= 1.6):
+            raise ValueError(f"object_scale must be in [0.5, 1.6] (larger objects would cover their "
+                             f"neighbours' grid cells), got {self.object_scale}")
         unknown = [k for k in self.backgrounds if k not in BACKGROUND_KINDS]
         if not self.backgrounds or unknown or len(set(self.backgrounds)) != len(self.backgrounds):
             raise ValueError(f"backgrounds must be distinct kinds out of {BACKGROUND_KINDS}, "
@@ -378,7 +382,7 @@ def generate_sample(rng: np.random.Generator, cfg: ShapesConfig) -> Sample:
         objects.append({"shape": shape, "color": color, "size": size, "position": POSITIONS[int(cell)],
                         "row": row, "col": col,
                         "center": [round((col + 0.5) / 3 + jx, 4), round((row + 0.5) / 3 + jy, 4)],
-                        "half_size": _HALF_SIZE[size]})
+                        "half_size": round(_HALF_SIZE[size] * cfg.object_scale, 4)})
     background = {"kind": cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))],
                   "color": BACKGROUND_COLORS[int(rng.integers(len(BACKGROUND_COLORS)))]}
 
@@ -409,6 +413,8 @@ def config_hash(cfg: ShapesConfig) -> str:
     fields = dataclasses.asdict(cfg)
     if cfg.backgrounds == BACKGROUND_KINDS:  # every kind: the key datasets had before the option
         del fields["backgrounds"]
+    if cfg.object_scale == 1.0:              # likewise
+        del fields["object_scale"]
     payload = json.dumps({"generator_version": GENERATOR_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

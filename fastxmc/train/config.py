@@ -39,6 +39,7 @@ class ModelConfig:
     rho: float = 15.0                   # sharpness of G's word attention
     attention_every_block: bool = False  # recompute G's word attention per block (paper) vs once (code)
     d_coords: bool = False              # x/y coordinate input channels in D (ours; see Discriminator)
+    g_text_stem: bool = False           # G's 4x4 stem reads the sentence too (ours; see Generator)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def generator_kwargs(cfg: TrainConfig) -> dict:
     """Keyword arguments of :class:`fastxmc.models.Generator` besides ``text_dim``."""
     m = cfg.model
     return dict(resolution=cfg.data.resolution, z_dim=m.z_dim, width=m.g_width, rho=m.rho,
-                attention_every_block=m.attention_every_block)
+                attention_every_block=m.attention_every_block, text_stem=m.g_text_stem)
 
 
 def discriminator_kwargs(cfg: TrainConfig) -> dict:
