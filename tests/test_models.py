@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
-from fastxmc.models.discriminator import with_coordinates
+from fastxmc.models.blocks import with_coordinates
 from fastxmc.models import (Discriminator, Generator, SelfModulationBN, SpatialModulationBN,
                             count_parameters)
 
@@ -364,6 +364,17 @@ def test_text_stem_lets_the_sentence_lay_out_the_4x4_map():
     assert (stems[True][0] - stems[True][1]).abs().max() > 1e-3
     # off by default, so the 128px model keeps the reference's parameter count
     assert not Generator(128, 768).text_stem
+
+
+def test_generator_coords_feed_the_region_queries():
+    G = _generator(32, coords=True)
+    assert G.queries[0].in_channels == 8 * WIDTH + 2 and not _generator(32).coords
+    seen = []
+    G.queries[0].register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    G(torch.randn(2, Z_DIM), *_text(batch=2))
+    q_in = seen[0]                                    # (B, 8w + 2, 16, 16)
+    assert q_in.shape == (2, 8 * WIDTH + 2, 16, 16)
+    torch.testing.assert_close(q_in[:, -2:], with_coordinates(torch.zeros(2, 0, 16, 16)))
 
 
 def test_construction_and_forward_are_deterministic():

@@ -57,6 +57,17 @@ def upsample2(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+def with_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C + 2, H, W): x, then the coordinate channels (CoordConv, Liu et al. 2018)
+    x (left -1 .. right 1) and y (top -1 .. bottom 1)."""
+    n, _, h, w = x.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    coords = torch.stack([grid_x, grid_y]).expand(n, -1, -1, -1)
+    return torch.cat([x, coords], dim=1)
+
+
 def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, padding=1)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastxmc.models.blocks import (DownBlock, OptimizedDownBlock, add_spectral_norm_, conv1x1,
-                                   init_glorot_)
+                                   init_glorot_, with_coordinates)
 
 D_ARCHITECTURES = {
     32: (4, ((8, True), (16, True), (16, False))),
@@ -60,16 +60,6 @@ def _build_blocks(resolution: int, width: int, in_channels: int = 3):
         if size == REGION_SIZE:
             region_block = len(blocks) - 1
     return nn.ModuleList(blocks), region_block, blocks[region_block].conv2.out_channels
-
-
-def with_coordinates(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 5, H, W): the images, then x (left -1 .. right 1) and y (top -1 .. bottom 1)."""
-    n, _, h, w = images.shape
-    ys = torch.linspace(-1.0, 1.0, h, device=images.device, dtype=images.dtype)
-    xs = torch.linspace(-1.0, 1.0, w, device=images.device, dtype=images.dtype)
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    coords = torch.stack([grid_x, grid_y]).expand(n, -1, -1, -1)
-    return torch.cat([images, coords], dim=1)
 
 
 class Discriminator(nn.Module):

@@ -10,6 +10,11 @@
     up-blocks with per-pixel modulation (gamma, beta = conv1x1(cond), cond nearest-resized)
     MBN -> ReLU -> conv3x3(3) -> tanh -> (x + 1) / 2                        images in [0, 1]
 
+``coords=True`` (ours, off by default) appends x/y coordinate channels to the input of the query conv,
+so each region's query, and with it which words it attends to, can depend on where the region is:
+the attention can then send "left" to the left half of the map, which per-channel gains and the
+z-only layout cannot express.
+
 Why ``text_stem``: in the reference the sentence reaches the first two blocks only through per-channel
 (spatially uniform) BN gains, and the per-pixel modulation only from 16x16 on, with queries computed
 from the z-only layout. A caption that names a position ("at the top left") then has to be served by
@@ -31,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastxmc.models.blocks import UpBlock, conv1x1, conv3x3, init_glorot_
+from fastxmc.models.blocks import UpBlock, conv1x1, conv3x3, init_glorot_, with_coordinates
 from fastxmc.models.modulation import SpatialModulationBN
 from fastxmc.ops import word_attention
 
@@ -66,10 +71,12 @@ class Generator(nn.Module):
         rho: sharpness of the word attention softmax (15).
         attention_every_block: recompute the word attention in every per-pixel block (default: once).
         text_stem: the 4x4 stem reads concat(sentence projection, z) instead of z (see above).
+        coords: coordinate channels in the word-attention queries (see above).
     """
 
     def __init__(self, resolution: int, text_dim: int, z_dim: int = 128, width: int = 96, *,
-                 rho: float = 15.0, attention_every_block: bool = False, text_stem: bool = False):
+                 rho: float = 15.0, attention_every_block: bool = False, text_stem: bool = False,
+                 coords: bool = False):
         super().__init__()
         if resolution not in G_MULTIPLIERS:
             raise ValueError(f"resolution must be one of {sorted(G_MULTIPLIERS)}, got {resolution!r}")
@@ -77,7 +84,7 @@ class Generator(nn.Module):
             _check_positive_int(name, value)
         self.resolution, self.text_dim, self.z_dim, self.width = resolution, text_dim, z_dim, width
         self.rho, self.attention_every_block = float(rho), bool(attention_every_block)
-        self.text_stem = bool(text_stem)
+        self.text_stem, self.coords = bool(text_stem), bool(coords)
         channels = [STEM_MULTIPLIER * width] + [m * width for m in G_MULTIPLIERS[resolution]]
         cond_dim, spatial_dim = 2 * z_dim, text_dim + 2 * z_dim
         self.sentence_proj = nn.Linear(text_dim, z_dim)
@@ -91,7 +98,7 @@ class Generator(nn.Module):
         query_inputs = [i for i, _ in pairs[SELF_MODULATED_BLOCKS:]]
         if not self.attention_every_block:
             query_inputs = query_inputs[:1]
-        self.queries = nn.ModuleList(conv1x1(c, text_dim) for c in query_inputs)
+        self.queries = nn.ModuleList(conv1x1(c + 2 * self.coords, text_dim) for c in query_inputs)
         self.out_norm = SpatialModulationBN(channels[-1], spatial_dim)
         self.to_rgb = conv3x3(channels[-1], 3)
         init_glorot_(self)
@@ -107,7 +114,7 @@ class Generator(nn.Module):
 
     def _spatial_condition(self, query: nn.Module, x, global_cond, words, word_mask) -> torch.Tensor:
         """concat(word context, tiled global condition): (B, text_dim + 2 z_dim, H, W) at x's size."""
-        q = query(x)                                                   # (B, d, H, W)
+        q = query(with_coordinates(x) if self.coords else x)           # (B, d, H, W)
         b, d, h, w = q.shape
         regions = q.flatten(2).transpose(1, 2)                         # (B, H*W, d), r = row*W + col
         context = word_attention(regions, words.to(q.dtype), word_mask, rho=self.rho)

@@ -40,6 +40,7 @@ class ModelConfig:
     attention_every_block: bool = False  # recompute G's word attention per block (paper) vs once (code)
     d_coords: bool = False              # x/y coordinate input channels in D (ours; see Discriminator)
     g_text_stem: bool = False           # G's 4x4 stem reads the sentence too (ours; see Generator)
+    g_coords: bool = False              # x/y coordinate channels in G's attention queries (ours)
 
 
 @dataclass
@@ -113,7 +114,8 @@ def generator_kwargs(cfg: TrainConfig) -> dict:
     """Keyword arguments of :class:`fastxmc.models.Generator` besides ``text_dim``."""
     m = cfg.model
     return dict(resolution=cfg.data.resolution, z_dim=m.z_dim, width=m.g_width, rho=m.rho,
-                attention_every_block=m.attention_every_block, text_stem=m.g_text_stem)
+                attention_every_block=m.attention_every_block, text_stem=m.g_text_stem,
+                coords=m.g_coords)
 
 
 def discriminator_kwargs(cfg: TrainConfig) -> dict:
