@@ -287,3 +287,20 @@ def test_standing_statistics_and_ema_warmup_in_a_run(tmp_path):
     distance = lambda s: sum((s["G_ema"][k] - s["G"][k]).abs().sum() for k in s["G"] if "running" not in k)  # noqa: E731
     cold = ckpt.load_checkpoint(loop.train(tiny(tmp_path / "cold", ("run.steps", "2"))).checkpoint)
     assert distance(a) < distance(cold)
+
+
+def test_whitening_is_fitted_to_the_training_captions_and_checkpointed(tmp_path, cache):
+    from fastxmc.models.whitening import SentenceWhitening
+
+    cfg = tiny(tmp_path, ("run.steps", "1"), ("model.whiten_sentences", "true"))
+    state = ckpt.load_checkpoint(loop.train(cfg).checkpoint)
+    loader = loop.make_loader(cfg, DistEnv(0, 1, 0, torch.device("cpu")), progress=False)
+    sentences = loader.sentence_embeddings()
+    assert sentences.shape == (loader.stats["distinct_captions"], loader.text_dim)
+    want = SentenceWhitening(loader.text_dim).fit(sentences).state_dict()
+    for net in ("G", "G_ema", "D"):
+        for key in ("mean", "matrix"):
+            torch.testing.assert_close(state[net][f"whitening.{key}"], want[key])
+    assert not torch.equal(want["matrix"], torch.eye(loader.text_dim))
+    with pytest.raises(ValueError, match="needs the training captions"):
+        loop.build_networks(cfg, loader.text_dim, torch.device("cpu"))

@@ -430,6 +430,11 @@ class Loader:
             raise ValueError(f"index and caption must have the same length, got {len(idx)} and {len(cap)}")
         return [self.data.records[i].captions[c] for i, c in zip(idx, cap)]
 
+    def sentence_embeddings(self) -> torch.Tensor:
+        """(n, E) float32 CPU: the sentence embeddings of this split's distinct captions."""
+        return torch.from_numpy(np.ascontiguousarray(self._cache.sentence[np.unique(self._rows)],
+                                                     dtype=np.float32))
+
     def label_sets(self, index) -> list[list[int]]:
         """The full label lists (primary first) of samples ``index``; ``[]`` without labels."""
         return [list(self.data.records[i].labels or []) for i in torch.as_tensor(index).reshape(-1).tolist()]

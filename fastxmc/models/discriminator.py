@@ -31,6 +31,7 @@ from torch import nn
 
 from fastxmc.models.blocks import (DownBlock, OptimizedDownBlock, add_spectral_norm_, conv1x1,
                                    init_glorot_, with_coordinates)
+from fastxmc.models.whitening import SentenceWhitening
 
 D_ARCHITECTURES = {
     32: (4, ((8, True), (16, True), (16, False))),
@@ -70,9 +71,11 @@ class Discriminator(nn.Module):
         text_dim: width of the sentence and word embeddings (768 for BERT-base).
         width: base channel width df (96; smaller for the CPU presets).
         coords: append x/y coordinate channels to the input (see the module docstring).
+        whiten_sentence: read the sentence through a :class:`SentenceWhitening` (as the Generator).
     """
 
-    def __init__(self, resolution: int, text_dim: int, width: int = 96, *, coords: bool = False):
+    def __init__(self, resolution: int, text_dim: int, width: int = 96, *, coords: bool = False,
+                 whiten_sentence: bool = False):
         super().__init__()
         if resolution not in D_ARCHITECTURES:
             raise ValueError(f"resolution must be one of {sorted(D_ARCHITECTURES)}, got {resolution!r}")
@@ -85,6 +88,7 @@ class Discriminator(nn.Module):
         feature_dim = D_ARCHITECTURES[resolution][1][-1][0] * width
         self.feature_dim = feature_dim
         self.head = nn.Linear(feature_dim, 1)
+        self.whitening = SentenceWhitening(text_dim) if whiten_sentence else None
         self.sentence_proj = nn.Linear(text_dim, feature_dim)
         self.region_proj = conv1x1(region_channels, text_dim)
         init_glorot_(self)
@@ -116,6 +120,8 @@ class Discriminator(nn.Module):
             if index == self.region_block:
                 region_map = h                                         # (N, C, 16, 16), pre-ReLU
         features = F.relu(h).sum(dim=(2, 3))                           # (N, 16w)
+        if self.whitening is not None:
+            sentence = self.whitening(sentence)
         sentence_emb = self.sentence_proj(sentence)                    # (B, 16w)
         tiled = sentence_emb.repeat(images.shape[0] // sentence.shape[0], 1)
         logits = self.head(features).squeeze(1) + (features * tiled).sum(dim=1)

@@ -38,6 +38,7 @@ from torch import nn
 
 from fastxmc.models.blocks import UpBlock, conv1x1, conv3x3, init_glorot_, with_coordinates
 from fastxmc.models.modulation import SpatialModulationBN
+from fastxmc.models.whitening import SentenceWhitening
 from fastxmc.ops import word_attention
 
 G_MULTIPLIERS = {32: (16, 8, 4), 64: (16, 8, 4, 2), 128: (16, 8, 4, 2, 1), 256: (16, 8, 8, 4, 2, 1)}
@@ -72,11 +73,13 @@ class Generator(nn.Module):
         attention_every_block: recompute the word attention in every per-pixel block (default: once).
         text_stem: the 4x4 stem reads concat(sentence projection, z) instead of z (see above).
         coords: coordinate channels in the word-attention queries (see above).
+        whiten_sentence: read the sentence through a :class:`SentenceWhitening` (fitted by the
+            trainer to the training captions; ours, off by default).
     """
 
     def __init__(self, resolution: int, text_dim: int, z_dim: int = 128, width: int = 96, *,
                  rho: float = 15.0, attention_every_block: bool = False, text_stem: bool = False,
-                 coords: bool = False):
+                 coords: bool = False, whiten_sentence: bool = False):
         super().__init__()
         if resolution not in G_MULTIPLIERS:
             raise ValueError(f"resolution must be one of {sorted(G_MULTIPLIERS)}, got {resolution!r}")
@@ -87,6 +90,7 @@ class Generator(nn.Module):
         self.text_stem, self.coords = bool(text_stem), bool(coords)
         channels = [STEM_MULTIPLIER * width] + [m * width for m in G_MULTIPLIERS[resolution]]
         cond_dim, spatial_dim = 2 * z_dim, text_dim + 2 * z_dim
+        self.whitening = SentenceWhitening(text_dim) if whiten_sentence else None
         self.sentence_proj = nn.Linear(text_dim, z_dim)
         self.stem = nn.Linear(cond_dim if self.text_stem else z_dim, channels[0] * 4 * 4)
         pairs = list(zip(channels[:-1], channels[1:]))
@@ -127,6 +131,8 @@ class Generator(nn.Module):
         """z (B, z_dim), sentence (B, text_dim), words (B, T, text_dim), word_mask (B, T) bool
         -> images (B, 3, resolution, resolution) in [0, 1]."""
         self._check_inputs(z, sentence, words, word_mask)
+        if self.whitening is not None:
+            sentence = self.whitening(sentence)
         global_cond = torch.cat([self.sentence_proj(sentence), z], dim=1)
         # (B, 16w*16) -> (B, 16w, 4, 4): the reference reshapes channels-last, a mere permutation of
         # the stem's output units for a freshly initialised network.

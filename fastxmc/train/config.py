@@ -41,6 +41,7 @@ class ModelConfig:
     d_coords: bool = False              # x/y coordinate input channels in D (ours; see Discriminator)
     g_text_stem: bool = False           # G's 4x4 stem reads the sentence too (ours; see Generator)
     g_coords: bool = False              # x/y coordinate channels in G's attention queries (ours)
+    whiten_sentences: bool = False      # G and D read ZCA-whitened sentence embeddings (ours)
 
 
 @dataclass
@@ -115,11 +116,12 @@ def generator_kwargs(cfg: TrainConfig) -> dict:
     m = cfg.model
     return dict(resolution=cfg.data.resolution, z_dim=m.z_dim, width=m.g_width, rho=m.rho,
                 attention_every_block=m.attention_every_block, text_stem=m.g_text_stem,
-                coords=m.g_coords)
+                coords=m.g_coords, whiten_sentence=m.whiten_sentences)
 
 
 def discriminator_kwargs(cfg: TrainConfig) -> dict:
-    return dict(resolution=cfg.data.resolution, width=cfg.model.d_width, coords=cfg.model.d_coords)
+    return dict(resolution=cfg.data.resolution, width=cfg.model.d_width, coords=cfg.model.d_coords,
+                whiten_sentence=cfg.model.whiten_sentences)
 
 
 # ---------------------------------------------------------------- presets

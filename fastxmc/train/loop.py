@@ -139,10 +139,18 @@ def make_optimizer(params, lr: float, optim_cfg, device: torch.device) -> torch.
     return FusedAdam(params, lr=lr, betas=tuple(optim_cfg.betas), adam_w_mode=False, weight_decay=0.0)
 
 
-def build_networks(cfg: TrainConfig, text_dim: int, device: torch.device) -> Nets:
-    """G, D, G_ema and both optimizers (unwrapped; see :func:`wrap_networks`)."""
+def build_networks(cfg: TrainConfig, text_dim: int, device: torch.device,
+                   sentences: torch.Tensor | None = None) -> Nets:
+    """G, D, G_ema and both optimizers (unwrapped; see :func:`wrap_networks`). With
+    ``model.whiten_sentences``, G's and D's whitening is fitted to ``sentences`` (the training
+    captions' embeddings) before G_ema is copied from G."""
     G = Generator(text_dim=text_dim, **generator_kwargs(cfg)).to(device)
     D = Discriminator(text_dim=text_dim, **discriminator_kwargs(cfg)).to(device)
+    if cfg.model.whiten_sentences:
+        if sentences is None:
+            raise ValueError("model.whiten_sentences needs the training captions' sentence embeddings")
+        for net in (G, D):
+            net.whitening.fit(sentences.to(device))
     return Nets(G, D, make_ema(G),
                 make_optimizer(G.parameters(), cfg.optim.g_lr, cfg.optim, device),
                 make_optimizer(D.parameters(), cfg.optim.d_lr, cfg.optim, device))
@@ -483,7 +491,8 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
     seed_everything(r.seed)
     progress = env.is_main and not r.quiet
     loader = make_loader(cfg, env, progress)
-    nets = build_networks(cfg, loader.text_dim, env.device)
+    sentences = loader.sentence_embeddings() if cfg.model.whiten_sentences else None
+    nets = build_networks(cfg, loader.text_dim, env.device, sentences)
     z_gen = torch.Generator(device=env.device).manual_seed(noise_seed(r.seed, env.rank))
     run = Run(cfg, env, run_dir, loader, nets, build_losses(cfg, env, autocast), z_gen, autocast,
               loader.text_dim)
