@@ -356,6 +356,10 @@ class SyntheticBatches:
         while True:
             yield from self._batches
 
+    def sentence_embeddings(self) -> torch.Tensor:
+        """Every batch's sentences (what ``model.whiten_sentences`` is fitted to, as the loader's)."""
+        return torch.cat([b["sentence"] for b in self._batches]).cpu()
+
 
 def make_source(bench: BenchConfig, device: torch.device, data_backend: str):
     """The batch source of a config: its train loader (``data_backend``) or synthetic batches."""
@@ -371,7 +375,8 @@ def build_run(cfg: TrainConfig, source, device: torch.device) -> loop.Run:
     loop.seed_everything(cfg.run.seed)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device)
     autocast = loop.autocast_factory(cfg.run.precision, device)
-    nets = loop.build_networks(cfg, source.text_dim, device)
+    sentences = source.sentence_embeddings() if cfg.model.whiten_sentences else None
+    nets = loop.build_networks(cfg, source.text_dim, device, sentences)
     z_gen = torch.Generator(device=device).manual_seed(loop.noise_seed(cfg.run.seed, 0))
     run = loop.Run(cfg, env, Path(cfg.run.out), source, nets, loop.build_losses(cfg, env, autocast),
                    z_gen, autocast, source.text_dim)

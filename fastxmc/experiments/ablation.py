@@ -107,13 +107,18 @@ def train_command(opts: AblationOptions, variant: str) -> list:
     return args
 
 
+# How the GAN runs sample their batches, not which data they see: the evaluator keeps its own.
+SAMPLING_FIELDS = ("label_groups",)
+
+
 def data_overrides_for_pretrain(opts: AblationOptions) -> list:
     """``--data.*`` overrides that give the evaluator exactly the GAN runs' data."""
     train_data = train_config(opts, FULL).data
     pretrain_data = pretrain_preset(opts.preset).data
     return [(f"data.{f.name}", _text(getattr(train_data, f.name)))
             for f in dataclasses.fields(train_data)
-            if getattr(train_data, f.name) != getattr(pretrain_data, f.name)]
+            if f.name not in SAMPLING_FIELDS
+            and getattr(train_data, f.name) != getattr(pretrain_data, f.name)]
 
 
 def _text(value) -> str:
