@@ -16,7 +16,8 @@ def test_default_is_the_shapes_preset():
     # one D step at equal rates (D wins the paper's 4x-rate, 2-step game at this scale), paper betas
     assert cfg.optim.g_lr == 2e-4 and cfg.optim.d_lr == 2e-4 and cfg.optim.betas == (0.5, 0.999)
     assert cfg.optim.d_steps_per_g_step == 1 and cfg.optim.ema_decay == 0.995  # short-run horizon
-    assert cfg.model.d_coords
+    assert cfg.model.d_coords and cfg.model.g_text_stem and not cfg.model.whiten_sentences
+    assert cfg.data.shapes_object_scale == 1.3 and cfg.data.label_groups == 2
     assert cfg.optim.ema_warmup and cfg.optim.ema_bn_batches == 8
     paper = TrainConfig().optim  # every other preset: the reference's EMA
     assert paper.ema_decay == 0.999 and not paper.ema_warmup and paper.ema_bn_batches == 0

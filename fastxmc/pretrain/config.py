@@ -91,11 +91,12 @@ def dual_encoder_config(cfg: PretrainConfig, text_dim: int) -> DualEncoderConfig
 
 # ---------------------------------------------------------------- presets
 def preset_shapes() -> PretrainConfig:
-    """The shapes dataset as the train preset has it (32px, one object, gradient backgrounds)."""
+    """The shapes dataset as the train preset has it (32px, one object, gradient backgrounds, objects
+    1.3x larger)."""
     cfg = PretrainConfig(preset="shapes")
     # The train preset's data; no flips: the captions name left and right.
     _set(cfg.data, resolution=32, shapes_train=5000, flip=False, shapes_max_objects=1,
-         shapes_backgrounds="gradient")
+         shapes_backgrounds="gradient", shapes_object_scale=1.3)
     return cfg
 
 

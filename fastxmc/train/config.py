@@ -147,14 +147,22 @@ def preset_shapes() -> TrainConfig:
     steps (d_hinge ~ 0). D's realness function then stops learning, G climbs D's frozen, unbounded
     logit and its mean brightness runs to white (tanh saturation holds it there). One D step and
     equal rates (Adam 2e-4 / 2e-4) keep the game balanced (d_hinge ~ 1) and each step 40% cheaper.
-    D gets coordinate channels (model.d_coords) because the captions name positions. G_ema: decay
+    D gets coordinate channels (model.d_coords) because the captions name positions.
+
+    Positions: with the above alone D told captions' positions apart on real images but G left them
+    at chance (objects settled in the corners). In a random batch of 16 the colour and shape nearly
+    always identify a caption, so the contrastive terms hardly ask for position; batches of
+    same-label pairs (data.label_groups=2) make every pair differ only in position and size, and G's
+    stem reads the sentence (model.g_text_stem) so the layout can follow it. Objects are drawn 1.3x
+    larger (data.shapes_object_scale; a small one was 5 px across). Measured at 2500 steps: position
+    accuracy 0.47 (chance 0.13) instead of 0.11, R-precision 0.41 instead of 0.15. G_ema: decay
     0.995 with TF's warm-up and standing BN statistics (8 batches), since the live G's copied
     statistics don't fit G_ema in short runs."""
     cfg = TrainConfig(preset="shapes")
     # No horizontal flips: the captions name left and right.
     _set(cfg.data, resolution=32, shapes_train=5000, flip=False, shapes_max_objects=1,
-         shapes_backgrounds="gradient")
-    _set(cfg.model, z_dim=64, g_width=16, d_width=16, d_coords=True)
+         shapes_backgrounds="gradient", shapes_object_scale=1.3, label_groups=2)
+    _set(cfg.model, z_dim=64, g_width=16, d_width=16, d_coords=True, g_text_stem=True)
     _set(cfg.optim, g_lr=2e-4, d_lr=2e-4, d_steps_per_g_step=1, ema_decay=0.995, ema_warmup=True,
          ema_bn_batches=8)
     _set(cfg.run, out="runs/shapes", steps=2500, batch_size=16, log_every=10, sample_every=250,
