@@ -24,8 +24,8 @@ With ``cfg.label_groups = K`` the permutation is made of runs of K samples shari
 label (:func:`grouped_order`), laid out so that every rank's share keeps the runs whole: each batch
 (a multiple of K) then holds B/K labels, K samples each, which gives the contrastive terms hard
 negatives (same class, other attributes) and SupCon guaranteed positives, as metric learning's
-"m per class" samplers do. ``state_dict()`` is ``(epoch, position)`` plus what must match on resume; ``load_state_dict`` makes
-the next batch exactly the one that would have come next.
+"m per class" samplers do. ``state_dict()`` is ``(epoch, position)`` plus what must match on
+resume; ``load_state_dict`` makes the next batch exactly the one that would have come next.
 
 Backends (``cfg.backend``; ``loader.backend`` and ``loader.backend_reason`` say which and why): both
 decode to uint8 (B, H, W, 3) with the same order, flips and crops, then share the conversion to
