@@ -71,6 +71,12 @@ registry = OpRegistry(
               "default": ["torch", "reference"]},
 )
 
+registry.register(Backend("reference", backends.floating_unsupported, "materialized plain PyTorch (oracle)"))
+registry.register(Backend("torch", backends.floating_unsupported, "streaming PyTorch, bounded memory"))
+registry.register(Backend("cpu", _cpu_unsupported, "C++ kernels (csrc/), ATen GEMM + fused epilogues"))
+registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
+registry.register(Backend("cuda", _cuda_unsupported, "C++/CUDA kernels (csrc/)"))
+
 
 def request_for(device: torch.device, dtype: torch.dtype, logits: int | None = None) -> Request:
     """The registry request of a call with ``logits`` = N x M similarities (None: not known or
@@ -78,11 +84,6 @@ def request_for(device: torch.device, dtype: torch.dtype, logits: int | None = N
     device = torch.device(device)
     small = device.type == "cpu" and logits is not None and logits <= SMALL_CPU_LOGITS
     return Request(device, dtype, frozenset({SMALL}) if small else frozenset())
-registry.register(Backend("reference", backends.floating_unsupported, "materialized plain PyTorch (oracle)"))
-registry.register(Backend("torch", backends.floating_unsupported, "streaming PyTorch, bounded memory"))
-registry.register(Backend("cpu", _cpu_unsupported, "C++ kernels (csrc/), ATen GEMM + fused epilogues"))
-registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
-registry.register(Backend("cuda", _cuda_unsupported, "C++/CUDA kernels (csrc/)"))
 
 
 # ---------------------------------------------------------------- the custom op pair
