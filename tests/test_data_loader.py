@@ -151,6 +151,37 @@ def test_label_groups_make_batches_of_same_label_runs(cache_dir):
     assert [b["index"].tolist() for b in val] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
+def test_group_by_color_makes_runs_of_one_colour_and_several_shapes(cache_dir):
+    from fastxmc.data.shapes import label_attribute
+    cfg = _shapes(cache_dir, backend="torch", workers=0, shapes_train=96, label_groups=4, group_by="color")
+    loader = build_loader(cfg, batch_size=8, seed=1, progress=False)
+    runs = torch.cat([b["label"].reshape(-1, 4) for b in loader]).numpy()
+    colors, kinds = label_attribute(runs, "color"), label_attribute(runs, "shape")
+    one_colour = (colors == colors[:, :1]).all(1)
+    # 8 colours over 96 images: all but the leftovers (< 4 per colour) form one-colour runs
+    assert one_colour.sum() >= len(runs) - 8 and one_colour.sum() > len(runs) // 2
+    assert np.mean([len(set(k)) > 1 for k in kinds[one_colour]]) > 0.8    # their shapes differ
+    by_shape = build_loader(_shapes(cache_dir, backend="torch", workers=0, shapes_train=96, label_groups=4,
+                                    group_by="shape"), batch_size=8, seed=1, progress=False)
+    runs = torch.cat([b["label"].reshape(-1, 4) for b in by_shape]).numpy()
+    kinds = label_attribute(runs, "shape")
+    assert (kinds == kinds[:, :1]).all(1).sum() >= len(runs) - 6
+    # the state names the key; a state saved before the option grouped by label
+    assert loader.state_dict()["group_by"] == "color"
+    with pytest.raises(ValueError, match="group_by was 'color' when saved, is 'shape' now"):
+        by_shape.load_state_dict(loader.state_dict())
+    by_label = build_loader(_shapes(cache_dir, backend="torch", workers=0, shapes_train=96, label_groups=4),
+                            batch_size=8, seed=1, progress=False)
+    old = dict(by_label.state_dict())
+    del old["group_by"]
+    by_label.load_state_dict(old)
+    with pytest.raises(ValueError, match=r"DataConfig.group_by must be one of .*got 'size'"):
+        _shapes(cache_dir, group_by="size")
+    with pytest.raises(ValueError, match="group_by='color' reads the shapes dataset's labels; "
+                                         "dataset='folder' can only group by 'label'"):
+        DataConfig(dataset="folder", path="/nonexistent", group_by="color")
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches
 

@@ -78,6 +78,19 @@ def test_labels_follow_attributes():
     assert len(seen) > 30
 
 
+def test_label_attribute_decodes_the_label():
+    labels = [shapes.label_of(s, c) for s in shapes.SHAPES for c in shapes.COLORS] + [-1]
+    colors = shapes.label_attribute(labels, "color")
+    kinds = shapes.label_attribute(labels, "shape")
+    for label, color, kind in zip(labels[:-1], colors, kinds):
+        assert shapes.LABEL_NAMES[label] == f"{shapes.COLORS[color]} {shapes.SHAPES[kind]}"
+    assert colors[-1] == kinds[-1] == -1                      # unlabelled stays unlabelled
+    with pytest.raises(ValueError, match="attribute must be 'shape' or 'color', got 'size'"):
+        shapes.label_attribute(labels, "size")
+    with pytest.raises(ValueError, match=r"labels must be shapes class ids in \[0, 48\)"):
+        shapes.label_attribute([48], "color")
+
+
 def test_objects_are_drawn_where_and_in_the_colour_the_attributes_say():
     cfg = ShapesConfig(resolution=64, max_objects=1)
     for i in range(30):

@@ -27,6 +27,9 @@ DATASETS = ("shapes", "folder", "coco", "cub", "ln")
 BACKENDS = ("auto", "dali", "torch")
 SPLITS = ("train", "val")
 LN_SOURCES = ("coco", "open_images")
+# What the samples of a label_groups run share: the primary label, or (shapes dataset) one attribute
+# of the primary object, which the shapes label encodes (fastxmc.data.shapes.label_attribute).
+GROUP_KEYS = ("label", "color", "shape")
 # [CLS] + words + [SEP]: shapes captions have at most 15 words; 17 and 64 are the reference code's.
 DEFAULT_MAX_TOKENS = {"shapes": 24, "folder": 17, "coco": 17, "cub": 17, "ln": 64}
 
@@ -46,6 +49,7 @@ class DataConfig:
     strict: bool = False                # an unreadable image is an error instead of a skipped sample
     two_captions: bool = False          # also return a second, different caption of each image
     label_groups: int = 0               # batches made of runs of this many same-label samples; 0: off
+    group_by: str = "label"             # what a run shares: label, or (shapes) color | shape
     cache_dir: str | None = None        # text caches, image checks, the shapes dataset
     shapes_train: int = 20000           # shapes dataset: images in the train split
     shapes_val: int = 1000              # shapes dataset: images in the val split
@@ -67,6 +71,10 @@ class DataConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("ln_source", self.ln_source, LN_SOURCES)
+        _check_choice("group_by", self.group_by, GROUP_KEYS)
+        if self.group_by != "label" and self.dataset != "shapes":
+            raise ValueError(f"DataConfig.group_by={self.group_by!r} reads the shapes dataset's labels; "
+                             f"dataset={self.dataset!r} can only group by 'label'")
         _check_int("resolution", self.resolution, 8, 2048)
         _check_int("max_tokens", self.max_tokens, 3, 4096, optional=True)
         _check_int("workers", self.workers, 0, 256, optional=True)

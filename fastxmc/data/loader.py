@@ -24,7 +24,9 @@ With ``cfg.label_groups = K`` the permutation is made of runs of K samples shari
 label (:func:`grouped_order`), laid out so that every rank's share keeps the runs whole: each batch
 (a multiple of K) then holds B/K labels, K samples each, which gives the contrastive terms hard
 negatives (same class, other attributes) and SupCon guaranteed positives, as metric learning's
-"m per class" samplers do. ``state_dict()`` is ``(epoch, position)`` plus what must match on
+"m per class" samplers do. ``cfg.group_by`` = ``"color"`` or ``"shape"`` (shapes dataset) makes the
+runs share only that attribute of the primary object instead of the whole label, so the samples of a
+run differ in the other one. ``state_dict()`` is ``(epoch, position)`` plus what must match on
 resume; ``load_state_dict`` makes the next batch exactly the one that would have come next.
 
 Backends (``cfg.backend``; ``loader.backend`` and ``loader.backend_reason`` say which and why): both
@@ -63,7 +65,7 @@ __all__ = ["Loader", "build_loader", "choose_backend", "epoch_plan", "EpochPlan"
 
 STATE_VERSION = 1
 # Identity fields added after version 1, with the value states saved before them imply.
-_IDENTITY_DEFAULTS = {"label_groups": 0}
+_IDENTITY_DEFAULTS = {"label_groups": 0, "group_by": "label"}
 
 
 def choose_backend(requested: str, device: torch.device) -> tuple[str, str]:
@@ -289,6 +291,7 @@ class Loader:
         self._offsets = np.concatenate([[0], np.cumsum(self._n_captions)])
         self._rows = self._cache.rows(c for r in self.data.records for c in r.captions)
         self._labels = self.data.primary_labels()
+        self._group_keys = _group_keys(self._labels, cfg.group_by)
         if shuffle:  # an unshuffled loader (evaluation) reads in index order, without groups
             _check_label_groups(cfg.label_groups, batch_size, self._labels, f"{cfg.dataset} {split!r} split")
         self.text_dim = self._cache.dim
@@ -333,7 +336,7 @@ class Loader:
         return epoch_plan(self._n_captions, seed=self.seed, epoch=epoch, batch_size=self.batch_size,
                           rank=self.rank, world_size=self.world_size, shuffle=self.shuffle,
                           drop_last=self.drop_last, flip=self.cfg.flip and self.split == "train",
-                          labels=self._labels, label_groups=self.cfg.label_groups if self.shuffle else 0)
+                          labels=self._group_keys, label_groups=self.cfg.label_groups if self.shuffle else 0)
 
     def __iter__(self) -> Iterator[dict]:
         if self.position >= len(self):
@@ -398,7 +401,7 @@ class Loader:
     def _identity(self) -> dict:
         return {"seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size,
                 "world_size": self.world_size, "shuffle": self.shuffle, "drop_last": self.drop_last,
-                "label_groups": self.cfg.label_groups}
+                "label_groups": self.cfg.label_groups, "group_by": self.cfg.group_by}
 
     def state_dict(self) -> dict:
         """Plain ints/bools: where the next batch comes from, and what must match to resume."""
@@ -471,6 +474,15 @@ def _check_loader_args(batch_size, rank, world_size, seed) -> None:
             raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     if rank >= world_size:
         raise ValueError(f"rank must be < world_size, got rank={rank} world_size={world_size}")
+
+
+def _group_keys(labels: np.ndarray, group_by: str) -> np.ndarray:
+    """What the samples of a label_groups run share (DataConfig.group_by): the label, or one attribute
+    of the shapes dataset's primary object, which its label encodes."""
+    if group_by == "label":
+        return labels
+    from fastxmc.data.shapes import label_attribute
+    return label_attribute(labels, group_by)
 
 
 def _check_label_groups(group_size: int, batch_size: int, labels: np.ndarray, what: str) -> None:

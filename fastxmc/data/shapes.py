@@ -60,7 +60,7 @@ from fastxmc.data.folder import Record, write_records
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "POSITIONS", "BACKGROUND_KINDS", "BACKGROUND_COLORS",
     "LABEL_NAMES", "NUM_CLASSES", "SPLIT_IDS", "GENERATOR_VERSION", "ShapesConfig", "Sample",
-    "label_of", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
+    "label_of", "label_attribute", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
     "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete", "named_attributes",
 ]
 
@@ -104,6 +104,18 @@ _JITTER = 0.02
 def label_of(shape: str, color: str) -> int:
     """Class id of a (shape, color) pair: ``SHAPES.index(shape) * len(COLORS) + COLORS.index(color)``."""
     return SHAPES.index(shape) * len(COLORS) + COLORS.index(color)
+
+
+def label_attribute(labels, attribute: str) -> np.ndarray:
+    """The index of the primary object's ``attribute`` ("shape" into :data:`SHAPES`, "color" into
+    :data:`COLORS`) encoded in each class label (:func:`label_of`); -1 where a label is -1."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if attribute not in ("shape", "color"):
+        raise ValueError(f"attribute must be 'shape' or 'color', got {attribute!r}")
+    if ((labels < -1) | (labels >= NUM_CLASSES)).any():
+        raise ValueError(f"labels must be shapes class ids in [0, {NUM_CLASSES}) or -1")
+    index = labels // len(COLORS) if attribute == "shape" else labels % len(COLORS)
+    return np.where(labels < 0, -1, index)
 
 
 @dataclass(frozen=True)
