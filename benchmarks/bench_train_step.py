@@ -16,7 +16,7 @@ training log does.
 Configs (``--configs``):
 
 - ``tiny``: the tiny preset (32px, width 8, one thread) on its shapes data.
-- ``shapes``: the shapes preset (64px, width 16, batch 8) on the embedded shapes dataset; also run
+- ``shapes``: the shapes preset as it is (32px, width 16, batch 16) on its shapes data; also run
   with the non-default data backend (``torch``) to compare the data wait in the training loop.
 - ``coco128``: the coco128 preset's tensor shapes (128px, z 128, 768-d text, 17 tokens) on
   synthetic batches (no COCO here; its data wait is ~0 by construction). On CPU the paper's width

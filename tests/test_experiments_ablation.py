@@ -48,10 +48,11 @@ def test_train_command_resumes_only_a_started_run(tmp_path):
 
 
 def test_the_evaluator_gets_the_gan_runs_data(tmp_path):
-    opts = options(tmp_path, overrides=(("data.shapes_train", "100"), ("data.label_groups", "2")))
+    opts = options(tmp_path, overrides=(("data.shapes_train", "100"), ("data.label_groups", "2"),
+                                        ("data.group_by", "color")))
     data = dict(ab.data_overrides_for_pretrain(opts))
     assert data["data.shapes_train"] == "100"
-    assert "data.label_groups" not in data  # how the GAN samples batches, not which data
+    assert "data.label_groups" not in data and "data.group_by" not in data  # how the GAN samples batches
     assert "data.resolution" not in data  # both tiny presets use 32px already
     args = ab.pretrain_command(opts)
     assert "--data.shapes_train=100" in args and args[1:3] == ["-m", "fastxmc.pretrain"]

@@ -108,7 +108,7 @@ def train_command(opts: AblationOptions, variant: str) -> list:
 
 
 # How the GAN runs sample their batches, not which data they see: the evaluator keeps its own.
-SAMPLING_FIELDS = ("label_groups",)
+SAMPLING_FIELDS = ("label_groups", "group_by")
 
 
 def data_overrides_for_pretrain(opts: AblationOptions) -> list:
