@@ -17,6 +17,7 @@ from fastxmc.data.config import DataConfig
 from fastxmc.data.dali import dali_available
 from fastxmc.data.folder import write_records
 from fastxmc.data.loader import batches_per_epoch, build_loader, epoch_plan, grouped_order
+from fastxmc.data.shapes import label_attribute
 from fastxmc.data.sources import DataWarning, UnreadableImageError
 
 requires_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
@@ -152,7 +153,6 @@ def test_label_groups_make_batches_of_same_label_runs(cache_dir):
 
 
 def test_group_by_color_makes_runs_of_one_colour_and_several_shapes(cache_dir):
-    from fastxmc.data.shapes import label_attribute
     cfg = _shapes(cache_dir, backend="torch", workers=0, shapes_train=96, label_groups=4, group_by="color")
     loader = build_loader(cfg, batch_size=8, seed=1, progress=False)
     runs = torch.cat([b["label"].reshape(-1, 4) for b in loader]).numpy()
@@ -176,10 +176,12 @@ def test_group_by_color_makes_runs_of_one_colour_and_several_shapes(cache_dir):
     del old["group_by"]
     by_label.load_state_dict(old)
     with pytest.raises(ValueError, match=r"DataConfig.group_by must be one of .*got 'size'"):
-        _shapes(cache_dir, group_by="size")
+        _shapes(cache_dir, group_by="size", label_groups=2)
     with pytest.raises(ValueError, match="group_by='color' reads the shapes dataset's labels; "
                                          "dataset='folder' can only group by 'label'"):
-        DataConfig(dataset="folder", path="/nonexistent", group_by="color")
+        DataConfig(dataset="folder", path="/nonexistent", group_by="color", label_groups=2)
+    with pytest.raises(ValueError, match=r"group_by='shape' says what .* set data.label_groups > 0"):
+        _shapes(cache_dir, group_by="shape")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,9 @@ class DataConfig:
         if self.group_by != "label" and self.dataset != "shapes":
             raise ValueError(f"DataConfig.group_by={self.group_by!r} reads the shapes dataset's labels; "
                              f"dataset={self.dataset!r} can only group by 'label'")
+        if self.group_by != "label" and not self.label_groups:
+            raise ValueError(f"DataConfig.group_by={self.group_by!r} says what the samples of a "
+                             f"label_groups run share; set data.label_groups > 0 as well")
         _check_int("resolution", self.resolution, 8, 2048)
         _check_int("max_tokens", self.max_tokens, 3, 4096, optional=True)
         _check_int("workers", self.workers, 0, 256, optional=True)
