@@ -2,7 +2,7 @@
 and the data pipeline (DALI vs the torch DataLoader).
 
     python -m benchmarks.bench_train_step [--configs tiny,shapes,coco128]
-        [--providers fused,reference]
+        [--providers fused,reference[,fused-bf16]]
         [--device cpu|cuda] [--steps K] [--warmup W] [--budget S] [--loader-batches N]
         [--coco-batch B] [--coco-width W] [--tolerance 0.05] [--quick]
         [--out benchmarks/results/train_step.csv]
@@ -25,7 +25,9 @@ Configs (``--configs``):
 
 Providers: ``fused`` = the default backend of every op (whatever the registries pick here),
 ``reference`` = ``FASTXMC_IMPL=reference`` for the whole step (the registries read it at each
-call). Both build their networks from the same seed; the ``backends`` column lists each op's
+call), and, when asked for (``--providers fused,reference,fused-bf16``), ``fused-bf16`` = ``fused``
+with ``run.precision=bf16`` (bf16 autocast also on CPU, where oneDNN runs bf16 convolutions on AMX);
+its rows are compared with the ``fused`` run, so their ratio is the speed-up of bf16 alone. Both build their networks from the same seed; the ``backends`` column lists each op's
 backend. The runs of one config (reference, fused and, for shapes, fused with the torch loader)
 are warmed up, then timed round robin, one step each per round, so that the load drifts of a
 shared machine hit them alike. Timed steps per run: ``--steps``, else as many as fit ``--budget``
@@ -93,7 +95,10 @@ COLUMNS = ["timestamp", "run_id", "commit", "machine", "device", "torch", "pytho
            "p20_ms", "p80_ms", "reps", "share", "images_per_s", "baseline", "baseline_ms",
            "ratio_to_baseline", "backends", "status", "note"]
 CONFIGS = ("tiny", "shapes", "coco128")
-PROVIDERS = ("fused", "reference")
+PROVIDERS = ("fused", "reference", "fused-bf16")
+DEFAULT_PROVIDERS = ("fused", "reference")
+# Providers that override run.precision (fused-bf16: bf16 autocast, on CPU too; see the docstring).
+PROVIDER_PRECISION = {"fused-bf16": "bf16"}
 DATA_BACKENDS = ("dali", "torch")
 PHASES = ("data", "g_fwd", "d_fwd", "loss_fwd", "loss_bwd", "d_bwd", "g_bwd", "optim", "ema",
           "other")
@@ -391,7 +396,7 @@ def provider_env(provider: str):
     """``reference``: FASTXMC_IMPL=reference for the block; ``fused``: the variable unset."""
     if provider not in PROVIDERS:
         raise ValueError(f"--providers: unknown provider {provider!r}; expected {list(PROVIDERS)}")
-    saved = os.environ.pop(IMPL_ENV, None)
+    saved = os.environ.pop(IMPL_ENV, None)     # fused and fused-bf16: the variable unset
     if provider == "reference":
         os.environ[IMPL_ENV] = "reference"
     try:
@@ -461,9 +466,13 @@ class Contender:
 
 def prepare(bench: BenchConfig, provider: str, data_backend: str, device, warmup: int):
     """Build the run of ``provider`` (its loader, networks from the config's seed); warm it up."""
+    cfg = bench.cfg
+    if provider in PROVIDER_PRECISION:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(
+            cfg.run, precision=PROVIDER_PRECISION[provider]))
     with provider_env(provider):
         source = make_source(bench, device, data_backend)
-        run = build_run(bench.cfg, source, device)
+        run = build_run(cfg, source, device)
         stream = loop.batch_stream(source)
         begin = time.perf_counter()
         for _ in range(warmup):
@@ -586,11 +595,13 @@ def add_baselines(rows: list, baseline_of: Callable) -> None:
 
 def baseline_of(row: dict):
     """(provider, data_backend) a row is compared with: the reference run of its config (same
-    data backend), or the torch loader for the DALI loader."""
+    data backend), the fused fp32 run for fused-bf16, or the torch loader for the DALI loader."""
     if row["section"] == "data_loader":
         return ("loader-torch", "torch") if row["data_backend"] != "torch" else None
     if row["provider"] == "reference":
         return None
+    if row["provider"] in PROVIDER_PRECISION:
+        return "fused", row["data_backend"]
     return "reference", row["data_backend"]
 
 
@@ -641,6 +652,18 @@ def fused_verdicts(rows: list, tolerance: float) -> None:
               f"{row['median_ms']:9.2f} ms vs {row['baseline_ms']:9.2f} ms = "
               f"{row['ratio_to_baseline']:.3f}x  target <= {1 + tolerance:.2f}x  "
               f"{sweeps.verdict(ok)}", flush=True)
+
+
+def precision_summary(rows: list) -> None:
+    """The step time of each precision-override provider against the fused fp32 run (no target:
+    bf16 changes the arithmetic, so it is a choice for the user, not a backend)."""
+    for row in rows:
+        if (row["section"] == "train_step" and row["provider"] in PROVIDER_PRECISION
+                and row["metric"] == "step" and row.get("ratio_to_baseline") is not None):
+            print(f"{row['provider']} vs fused {row['config']:<8} step ({row['data_backend']}) "
+                  f"{row['median_ms']:9.2f} ms vs {row['baseline_ms']:9.2f} ms = "
+                  f"{row['ratio_to_baseline']:.3f}x ({1 / row['ratio_to_baseline']:.2f}x the "
+                  f"images/s)", flush=True)
 
 
 def _backends_differ(row: dict) -> bool:
@@ -717,7 +740,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", type=_csv_list, default=list(CONFIGS))
-    p.add_argument("--providers", type=_csv_list, default=list(PROVIDERS))
+    p.add_argument("--providers", type=_csv_list, default=list(DEFAULT_PROVIDERS),
+                   help=f"comma-separated, of {list(PROVIDERS)} (default: "
+                        f"{','.join(DEFAULT_PROVIDERS)})")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per run (default: as many as fit --budget, within 3..20; "
@@ -780,6 +805,7 @@ def main(argv=None) -> int:
     print(f"# load average at the end {common.load_average()}", flush=True)
     data_wait_verdict(rows)
     fused_verdicts(rows, args.tolerance)
+    precision_summary(rows)
     return 0
 
 

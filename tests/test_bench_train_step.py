@@ -53,3 +53,22 @@ def test_quick_tiny_run_writes_step_breakdown_and_loader_rows(tmp_path, capsys):
     assert "verdict fused vs reference tiny" in printed and "verdict data wait" in printed
     for (module, name), original in ORIGINALS.items():
         assert getattr(module, name) is original, f"{module.__name__}.{name} was not restored"
+
+
+@pytest.mark.filterwarnings("ignore:run.precision=bf16 on a CPU without:RuntimeWarning")
+def test_bf16_provider_is_compared_with_the_fused_fp32_run(tmp_path, capsys):
+    out = tmp_path / "train_step.csv"
+    assert bench.main(["--configs", "tiny", "--quick", "--steps", "1", "--loader-batches", "0",
+                       "--providers", "fused,fused-bf16", "--out", str(out)]) == 0
+    steps = {r["provider"]: r for r in common.read_rows(out) if r["metric"] == "step"}
+    assert set(steps) == {"fused", "fused-bf16"}
+    bf16, fp32 = steps["fused-bf16"], steps["fused"]
+    assert bf16["baseline"] == f"fused/{fp32['data_backend']}"
+    assert float(bf16["ratio_to_baseline"]) == pytest.approx(
+        float(bf16["median_ms"]) / float(fp32["median_ms"]), rel=1e-3)
+    assert "fused-bf16 vs fused tiny" in capsys.readouterr().out
+
+
+def test_unknown_provider_is_rejected():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--providers", "fused,bf16"])

@@ -1,10 +1,13 @@
 """End-to-end tiny runs: outputs, resume equality, signals, non-finite losses, DDP, sampling."""
+import contextlib
 import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -167,8 +170,42 @@ def test_optimizers_and_precision_options():
     else:
         with pytest.raises(ValueError, match="runs on CUDA only"):
             loop.make_optimizer(params, 1e-3, apex, torch.device("cpu"))
-    with pytest.raises(ValueError, match="bf16 autocast is used on GPUs only"):
+    assert loop.autocast_factory("auto", torch.device("cpu")) is contextlib.nullcontext
+    assert loop.autocast_factory("fp32", torch.device("cpu")) is contextlib.nullcontext
+    with pytest.raises(ValueError, match="run.precision must be auto, fp32 or bf16"):
+        loop.autocast_factory("fp16", torch.device("cpu"))
+
+
+def test_bf16_autocast_on_cpu(monkeypatch):
+    """run.precision=bf16 autocasts on CPU too (oneDNN's bf16 convolutions with AMX), with a warning
+    where the CPU would only emulate bf16."""
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        autocast = loop.autocast_factory("bf16", torch.device("cpu"))
+    with autocast():
+        assert conv(torch.rand(1, 3, 8, 8)).dtype == torch.bfloat16
+    assert conv(torch.rand(1, 3, 8, 8)).dtype == torch.float32
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="without AMX or AVX512-BF16"):
         loop.autocast_factory("bf16", torch.device("cpu"))
+
+
+@pytest.mark.filterwarnings("ignore:run.precision=bf16 on a CPU without:RuntimeWarning")
+def test_bf16_cpu_run_trains_and_stays_near_fp32(tmp_path):
+    """A tiny run under CPU bf16 autocast: finite losses, the precision recorded, and its first
+    step's losses within bf16's rounding of the fp32 run's (same seed, same batches)."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        loop.train(tiny(out, ("run.steps", "2"), ("run.precision", precision)))
+        losses[precision] = read_metrics(out)[0]
+        assert json.loads((out / "config.json").read_text())["run"]["precision"] == precision
+    for key in ("loss_d", "loss_g"):
+        assert np.isfinite(losses["bf16"][key])
+        assert losses["bf16"][key] == pytest.approx(losses["fp32"][key], rel=0.05)
+    assert losses["bf16"]["loss_d"] != losses["fp32"]["loss_d"]  # autocast did change the arithmetic
 
 
 def test_supcon_run_logs_its_terms(tmp_path):

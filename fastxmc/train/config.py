@@ -95,7 +95,8 @@ class RunConfig:
     num_samples: int = 16               # captions in the sample grid
     sample_columns: int = 8
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast on either (on CPU, fast with AMX)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = 0                    # torch CPU threads (0: torch's default)
     tensorboard: bool = True
     quiet: bool = False
