@@ -19,14 +19,25 @@ from fastxmc.train.checkpoint import load_run
 from fastxmc.train.samples import SampleSet, render_grid, generate, write_grid
 
 
-def encode(config, captions: list) -> tuple:
-    """(sentence (N, E), words (N, T, E), word_mask (N, T)) float32/bool CPU tensors."""
+def caption_encoder(config):
+    """``encode(captions) -> (sentence (N, E), words (N, T, E), word_mask (N, T))``, float32/bool CPU
+    tensors, with the run's frozen text encoder loaded once (same tokenization, truncation and
+    float16 rounding as the training cache)."""
     from fastxmc.data.text import FrozenTextEncoder
 
-    encoded = FrozenTextEncoder(config.data.text_encoder).encode(captions,
-                                                                 config.data.resolved_max_tokens())
-    return (torch.from_numpy(encoded.sentence).float(), torch.from_numpy(encoded.words).float(),
-            torch.from_numpy(encoded.mask).bool())
+    encoder = FrozenTextEncoder(config.data.text_encoder)
+    max_tokens = config.data.resolved_max_tokens()
+
+    def encode(captions: list) -> tuple:
+        encoded = encoder.encode(captions, max_tokens)
+        return (torch.from_numpy(encoded.sentence).float(), torch.from_numpy(encoded.words).float(),
+                torch.from_numpy(encoded.mask).bool())
+    return encode
+
+
+def encode(config, captions: list) -> tuple:
+    """:func:`caption_encoder` of ``config`` applied to ``captions`` once."""
+    return caption_encoder(config)(captions)
 
 
 def sample_grid(run_dir, captions: list, n: int, seed: int = 0, device: str = "cpu",

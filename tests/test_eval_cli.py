@@ -69,9 +69,15 @@ def test_eval_writes_metrics_and_report(runs):
     # Every caption names shape and colour; some leave out size or position.
     assert attrs["shape"]["named_n"] == attrs["color"]["named_n"] == single
     assert 0 < attrs["position"]["named_n"] <= single and attrs["size"]["named_n"] <= single
+    probe = metrics["d_probe"]
+    assert probe["n"] == sum(len(r["objects"]) == 1 for r in records)   # all of them (< 256)
+    for side in ("real", "generated"):
+        assert set(probe[side]) == {"true_score", "shape", "color", "size", "position"}
+        assert all(0 <= probe[side][a]["accuracy"] <= 1 for a in ("shape", "color", "size", "position"))
     report = (runs / "gan" / "eval" / "report.md").read_text()
     assert "fid_dual" in report and "r_precision" in report and "| shape |" in report
-    assert "generated, named (n)" in report
+    assert "generated, named (n)" in report and "D probe on" in report
+    assert "d_probe" not in ev.evaluate(options(runs, probe_samples=0))
 
 
 def _only_dataset(runs) -> str:
@@ -134,6 +140,8 @@ def test_errors_are_clear(runs, tmp_path, capsys):
     assert "no dual_encoder.pt" in capsys.readouterr().err
     assert cli.main(["--run", gan, "--dual", str(runs / "dual"), "--n", "1", "--quiet"]) == 2
     assert "num_samples" in capsys.readouterr().err
+    assert cli.main(["--run", gan, "--dual", str(runs / "dual"), "--probe-n", "-1", "--quiet"]) == 2
+    assert "probe_samples must be an int >= 0" in capsys.readouterr().err
 
 
 def test_command_line_writes_the_outputs(runs, capsys):

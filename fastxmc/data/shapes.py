@@ -62,6 +62,7 @@ __all__ = [
     "LABEL_NAMES", "NUM_CLASSES", "SPLIT_IDS", "GENERATOR_VERSION", "ShapesConfig", "Sample",
     "label_of", "label_attribute", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
     "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete", "named_attributes",
+    "describe_object",
 ]
 
 # Bump when the images or captions a given config produces change: it is part of the cache key.
@@ -350,6 +351,13 @@ def named_attributes(caption: str) -> frozenset:
     if any(f" {phrase} " in padded for phrases in _POS_WORDS.values() for phrase in phrases):
         named.add("position")
     return frozenset(named)
+
+
+def describe_object(obj: dict) -> str:
+    """One fixed wording of an object record's four attributes, e.g. ``"a small red circle at the
+    top"`` (size, colour, shape, then the first phrase of the position): for probes that change one
+    attribute and compare."""
+    return f"{_a(obj['size'])} {obj['color']} {obj['shape']} {_POS_WORDS[obj['position']][0]}"
 
 
 def _captions(rng, objects, background, relation, n: int) -> list[str]:

@@ -25,11 +25,15 @@ def parse_args(argv) -> EvalOptions:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
     parser.add_argument("--checkpoint", default=None, help="a checkpoint file (default: the latest)")
+    parser.add_argument("--probe-n", type=int, default=256,
+                        help="shapes runs: single-object validation images of the D probe (default "
+                             "256; 0: no probe)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     return EvalOptions(run_dir=args.run, dual=args.dual, inception=args.inception, num_samples=args.n,
                        num_real=args.n_real, batch_size=args.batch_size, seed=args.seed,
-                       device=args.device, checkpoint=args.checkpoint, progress=not args.quiet)
+                       device=args.device, checkpoint=args.checkpoint, probe_samples=args.probe_n,
+                       progress=not args.quiet)
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,9 @@ Written to ``DIR/eval/metrics.json`` and ``DIR/eval/report.md``:
 - ``r_precision``: each generated image's global dual feature ranked against its caption and 99
   mismatched captions of other source images (AttnGAN / DM-GAN), mean and std over 10 folds;
 - ``attributes`` (shapes only): :class:`~fastxmc.eval.attributes.AttributeAccuracy` on the samples
-  of single-object validation records, beside the classifier's real-val accuracy and chance.
+  of single-object validation records, beside the classifier's real-val accuracy and chance;
+- ``d_probe`` (shapes only, ``probe_samples`` > 0): :mod:`fastxmc.eval.probe`, whether the run's D
+  prefers true descriptions over ones with one attribute changed, on real images and on samples.
 
 Real-image statistics are cached under ``<cache>/eval/`` keyed by the data config, the extractor
 file's sha256 and the evaluation settings. Everything is deterministic for a given seed.
@@ -36,6 +38,7 @@ from fastxmc.eval.attributes import AttributeAccuracy, ensure_attribute_classifi
 from fastxmc.eval.inception import load_inception
 from fastxmc.eval.metrics import (FeatureStats, fid_from_stats, inception_score,
                                   kernel_inception_distance, r_precision)
+from fastxmc.eval.probe import PROBE_ATTRIBUTES, probe_discriminator
 from fastxmc.models.dual_encoder import DualEncoder
 from fastxmc.train.checkpoint import load_run
 
@@ -60,6 +63,7 @@ class EvalOptions:
     folds: int = 10
     kid_subsets: int = 100
     kid_subset_size: int = 1000      # capped at the smaller sample count
+    probe_samples: int = 256         # shapes: images of the D probe (0: no probe)
     progress: bool = True
 
     def __post_init__(self):
@@ -75,6 +79,10 @@ class EvalOptions:
             raise ValueError(f"num_real must be 0 (all) or an int >= 2, got {self.num_real!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if isinstance(self.probe_samples, bool) or not isinstance(self.probe_samples, int) \
+                or self.probe_samples < 0:
+            raise ValueError(f"probe_samples must be an int >= 0 (0: no probe), got "
+                             f"{self.probe_samples!r}")
 
 
 # ---------------------------------------------------------------- extractors
@@ -319,8 +327,19 @@ def evaluate(opts: EvalOptions) -> dict:
         metrics["r_precision"] = r_precision_metric(rp_inputs, opts)
     if attributes is not None and attributes.scored:
         metrics["attributes"] = attributes.meter.compute()
+    if data_cfg.dataset == "shapes" and opts.probe_samples:
+        metrics["d_probe"] = discriminator_probe(opts, run, loader)
     write_outputs(Path(opts.run_dir), metrics)
     return metrics
+
+
+def discriminator_probe(opts: EvalOptions, run, loader) -> dict:
+    """:func:`~fastxmc.eval.probe.probe_discriminator` of the evaluated checkpoint (D loaded now)."""
+    from fastxmc.sample import caption_encoder
+
+    with_d = load_run(opts.run_dir, device=opts.device, checkpoint=run.path, discriminator=True)
+    return probe_discriminator(with_d, Path(loader.data.root) / "val", caption_encoder(run.config),
+                               n=opts.probe_samples, seed=opts.seed, batch_size=opts.batch_size)
 
 
 # ---------------------------------------------------------------- outputs
@@ -354,8 +373,23 @@ def report_lines(metrics: dict) -> list:
                          if row.get("named_n") else "n/a")
                 lines.append(f"| {key} | {_number(row['accuracy'])} | {named} "
                              f"| {_number(row['real_val_accuracy'])} | {_number(row['chance'])} |")
+    if "d_probe" in metrics:
+        lines += probe_report_lines(metrics["d_probe"])
     extractors = ", ".join(f"{k}: `{v}`" for k, v in metrics["extractors"].items())
     lines += ["", f"Feature extractors: {extractors}.", ""]
+    return lines
+
+
+def probe_report_lines(probe: dict) -> list:
+    """The D probe's table: accuracy (mean score gap) per attribute, real images and samples."""
+    lines = ["", f"D probe on {probe['n']} single-object images: how often D scores the image's "
+             "description above the same description with one attribute changed (0.5: blind to "
+             "it); the mean cosine gap in brackets.", "",
+             "| attribute | real images | generated |", "|---|---|---|"]
+    for attribute in PROBE_ATTRIBUTES:
+        cells = [f"{probe[side][attribute]['accuracy']:.3f} ({probe[side][attribute]['gap']:+.3f})"
+                 for side in ("real", "generated")]
+        lines.append(f"| {attribute} | {cells[0]} | {cells[1]} |")
     return lines
 
 

@@ -108,6 +108,13 @@ class Discriminator(nn.Module):
             raise ValueError(f"the image count ({images.shape[0]}) must be a multiple of the sentence "
                              f"count ({sentence.shape[0]})")
 
+    def project_sentence(self, sentence: torch.Tensor) -> torch.Tensor:
+        """D's embedding of sentences (B, text_dim) -> (B, 16w): the ``sentence`` field of
+        :meth:`forward`'s output, without running the image tower."""
+        if self.whitening is not None:
+            sentence = self.whitening(sentence)
+        return self.sentence_proj(sentence)
+
     def forward(self, images: torch.Tensor, sentence: torch.Tensor) -> DiscriminatorOutput:
         """images (N, 3, res, res) in [0, 1], sentence (B, text_dim) with N = k * B: the sentences are
         tiled k times for the projection (as the reference code does for concat(real, fake) with
@@ -120,9 +127,7 @@ class Discriminator(nn.Module):
             if index == self.region_block:
                 region_map = h                                         # (N, C, 16, 16), pre-ReLU
         features = F.relu(h).sum(dim=(2, 3))                           # (N, 16w)
-        if self.whitening is not None:
-            sentence = self.whitening(sentence)
-        sentence_emb = self.sentence_proj(sentence)                    # (B, 16w)
+        sentence_emb = self.project_sentence(sentence)                 # (B, 16w)
         tiled = sentence_emb.repeat(images.shape[0] // sentence.shape[0], 1)
         logits = self.head(features).squeeze(1) + (features * tiled).sum(dim=1)
         regions = self.region_proj(region_map).flatten(2).transpose(1, 2)  # (N, 256, text_dim)

@@ -108,13 +108,14 @@ class LoadedRun(NamedTuple):
     step: int
     text_dim: int
     path: Path
+    D: torch.nn.Module | None = None  # with load_run(..., discriminator=True): in eval mode
 
 
-def load_run(run_dir, *, device="cpu", checkpoint=None) -> LoadedRun:
-    """Config and G_ema of a run (its latest checkpoint, or ``checkpoint``): used by
-    ``python -m fastxmc.sample`` and the evaluation."""
-    from fastxmc.models import Generator
-    from fastxmc.train.config import config_from_dict, generator_kwargs
+def load_run(run_dir, *, device="cpu", checkpoint=None, discriminator: bool = False) -> LoadedRun:
+    """Config and G_ema of a run (its latest checkpoint, or ``checkpoint``), and D when asked for:
+    used by ``python -m fastxmc.sample`` and the evaluation."""
+    from fastxmc.models import Discriminator, Generator
+    from fastxmc.train.config import config_from_dict, discriminator_kwargs, generator_kwargs
 
     run_dir = Path(run_dir)
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
@@ -126,5 +127,10 @@ def load_run(run_dir, *, device="cpu", checkpoint=None) -> LoadedRun:
     config = config_from_dict(state["config"])
     generator = Generator(text_dim=state["text_dim"], **generator_kwargs(config))
     generator.load_state_dict(state["G_ema"])
-    return LoadedRun(config, generator.to(device).eval().requires_grad_(False), state["step"],
-                     state["text_dim"], path)
+    frozen = lambda net: net.to(device).eval().requires_grad_(False)  # noqa: E731
+    disc = None
+    if discriminator:
+        disc = Discriminator(text_dim=state["text_dim"], **discriminator_kwargs(config))
+        disc.load_state_dict(state["D"])
+        disc = frozen(disc)
+    return LoadedRun(config, frozen(generator), state["step"], state["text_dim"], path, disc)
