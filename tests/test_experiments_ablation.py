@@ -83,6 +83,18 @@ def test_verdicts_compare_full_with_the_baseline():
     lines = rp.above_chance_lines(opts, results)  # chance 0.25 in metrics(): above 0.3125 counts
     assert lines[-2] == "- `none`: size (0.500 vs 0.250)"
     assert lines[-1] == "- `full`: shape (0.400 vs 0.250), color (0.600 vs 0.250), size (0.600 vs 0.250)"
+    assert rp.probe_lines(opts, results) == []          # no variant was probed
+
+
+def test_probe_table_shows_real_and_generated_accuracy():
+    def probed(real, fake):
+        side = lambda acc: {a: {"accuracy": acc, "gap": 0.1} for a in ab.ATTRIBUTES}  # noqa: E731
+        return {**metrics(1.0, 0.5, (0.5,) * 4), "d_probe": {"n": 8, "real": side(real),
+                                                               "generated": side(fake)}}
+    opts = ab.AblationOptions(variants=("none", "full"))
+    lines = rp.probe_lines(opts, {"none": probed(0.5, 0.25), "full": probed(1.0, 0.875)})
+    assert lines[-2] == "| none | " + " | ".join(["0.50 / 0.25"] * 4) + " |"
+    assert lines[-1] == "| full | " + " | ".join(["1.00 / 0.88"] * 4) + " |"
 
 
 def test_a_failing_job_names_its_log(tmp_path):
@@ -112,6 +124,8 @@ def test_tiny_ablation_end_to_end(tmp_path, monkeypatch):
     assert set(timings["runs"]) == {"dual", "none", "full"}
     assert set(timings["phases"]) == {"evaluator", "training", "evaluation"}
     assert "Wall clock of the phases: evaluator" in text
+    assert "D probe (how often D scores" in text
+    assert re.search(r"\| full \|( [01]\.[0-9]{2} / [01]\.[0-9]{2} \|){4}\n", text)
     ab.run_ablation(opts)  # finished runs are reused, not retrained
     again = json.loads((tmp_path / "runs" / "timings.json").read_text())
     assert again["runs"] == timings["runs"]

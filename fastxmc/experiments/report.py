@@ -114,6 +114,22 @@ def above_chance_lines(opts: AblationOptions, results: dict, factor: float = 1.2
     return [f"Attributes the samples get clearly right (accuracy above {factor} x chance):", "", *lines]
 
 
+def probe_lines(opts: AblationOptions, results: dict) -> list:
+    """The D probe per variant (``fastxmc.eval``'s ``d_probe``): on real images, does D rank an
+    image's description above the same description with one attribute changed; on the samples?"""
+    if not all(results[v].get("d_probe") for v in opts.variants):
+        return []
+    lines = ["D probe (how often D scores an image's description above the same description with one "
+             "attribute changed; 0.5 = blind to it), real images / G_ema samples:", "",
+             "| variant | " + " | ".join(ATTRIBUTES) + " |", "|---|" + "---|" * len(ATTRIBUTES)]
+    for variant in opts.variants:
+        probe = results[variant]["d_probe"]
+        cells = [f"{probe['real'][a]['accuracy']:.2f} / {probe['generated'][a]['accuracy']:.2f}"
+                 for a in ATTRIBUTES]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def verdict_lines(results: dict) -> list:
     rows = verdicts(results)
     if not rows:
@@ -138,7 +154,7 @@ def write_report(opts: AblationOptions, results: dict, timings: dict) -> Path:
              f"Written by `python -m fastxmc.experiments ablation` on {time.strftime('%Y-%m-%d')}.", "",
              *[line for s in settings_lines(opts, timings) for line in (s, "")],
              *table_lines(opts, results), "", *verdict_lines(results), "",
-             *above_chance_lines(opts, results), "",
+             *above_chance_lines(opts, results), "", *probe_lines(opts, results), "",
              f"## Samples (G_ema after the last step, the same captions and noise for every variant)", "",
              f"![samples]({samples_png.name})", "", "## Loss curves", "", f"![losses]({losses_png.name})", ""]
     atomic_write_text("\n".join(lines), report)
