@@ -36,3 +36,20 @@ def one_thread_data_cache(tmp_path_factory, monkeypatch):
     torch.set_num_threads(1)
     yield path
     torch.set_num_threads(threads)
+
+
+def train_tiny_gan(out, cache, steps: int = 2) -> None:
+    """Train a tiny GAN run of ``steps`` steps into ``out`` (its data cache ``cache``), on one
+    thread: the run that module-scoped fixtures of the evaluation tests share."""
+    from fastxmc.train import loop
+    from fastxmc.train.config import build_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FASTXMC_CACHE", str(cache))
+            loop.train(build_config("tiny", [("run.out", str(out)), ("run.steps", str(steps)),
+                                             ("run.quiet", "true"), ("run.tensorboard", "false")]))
+    finally:
+        torch.set_num_threads(threads)

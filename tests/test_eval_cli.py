@@ -12,8 +12,7 @@ from fastxmc.eval.attributes import is_single_object
 from fastxmc.eval.metrics import FeatureStats, fid_from_stats
 from fastxmc.pretrain import loop as pretrain_loop
 from fastxmc.pretrain.config import build_config as pretrain_config
-from fastxmc.train import loop as train_loop
-from fastxmc.train.config import build_config as train_config
+from tests.conftest import train_tiny_gan
 
 QUIET = [("run.quiet", "true"), ("run.tensorboard", "false")]
 
@@ -22,11 +21,11 @@ QUIET = [("run.quiet", "true"), ("run.tensorboard", "false")]
 def runs(tmp_path_factory):
     """A tiny GAN run (2 steps) and a tiny dual encoder (2 steps) sharing one data cache."""
     base = tmp_path_factory.mktemp("eval")
+    train_tiny_gan(base / "gan", base / "cache")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTXMC_CACHE", str(base / "cache"))
-        train_loop.train(train_config("tiny", [("run.out", str(base / "gan")), ("run.steps", "2"), *QUIET]))
         pretrain_loop.pretrain(pretrain_config("tiny", [("run.out", str(base / "dual")),
                                                         ("run.steps", "2"), *QUIET]))
     torch.set_num_threads(threads)

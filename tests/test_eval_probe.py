@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 from fastxmc.data.shapes import named_attributes
 from fastxmc.eval import probe
-from fastxmc.train import loop as train_loop
 from fastxmc.train.checkpoint import load_run
-from fastxmc.train.config import build_config
+from tests.conftest import train_tiny_gan
 
 OBJECTS = [{"shape": s, "color": c, "size": z, "position": p}
            for s, c, z, p in [("circle", "red", "small", "top"), ("star", "blue", "large", "center"),
@@ -58,13 +57,7 @@ def test_a_scorer_preferring_wrong_captions_scores_zero_and_the_seed_fixes_the_d
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("probe")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTXMC_CACHE", str(base / "cache"))
-        train_loop.train(build_config("tiny", [("run.out", str(base / "gan")), ("run.steps", "2"),
-                                               ("run.quiet", "true"), ("run.tensorboard", "false")]))
-    torch.set_num_threads(threads)
+    train_tiny_gan(base / "gan", base / "cache")
     return base
 
 
