@@ -121,6 +121,17 @@ def test_supcon_run_logs_the_label_guided_terms(tmp_path):
         assert math.isfinite(last[key]), key
 
 
+@pytest.mark.filterwarnings("ignore:run.precision=bf16 on a CPU without:RuntimeWarning")
+def test_bf16_autocast_pretrains_on_cpu(tmp_path):
+    """run.precision=bf16 on CPU (oneDNN's bf16 convolutions): losses finite and near fp32's."""
+    first = {}
+    for precision in ("fp32", "bf16"):
+        loop.pretrain(tiny(tmp_path / precision, ("run.steps", "2"), ("run.precision", precision)))
+        first[precision] = read_metrics(tmp_path / precision)[0]["loss"]
+    assert math.isfinite(first["bf16"]) and first["bf16"] != first["fp32"]
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=0.05)
+
+
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["--preset", "tiny", "--out", str(out), "--steps", "1", "--quiet", "--run.tensorboard=false"]
