@@ -97,6 +97,15 @@ def test_probe_table_shows_real_and_generated_accuracy():
     assert lines[-1] == "| full | " + " | ".join(["1.00 / 0.88"] * 4) + " |"
 
 
+def test_settings_give_the_total_wall_clock():
+    timings = {"phases": {"evaluator": 300.0, "training": 5400.0, "evaluation": 60.0},
+               "runs": {"none": 2700.0}}
+    lines = rp.settings_lines(ab.AblationOptions(overrides=(("run.precision", "bf16"),)), timings)
+    text = "\n".join(lines)
+    assert "evaluator 5.0, training 90.0, evaluation 1.0 min (96.0 min in all)." in text
+    assert "extra overrides: --run.precision=bf16." in text
+
+
 def test_a_failing_job_names_its_log(tmp_path):
     job = ab.Job("broken", ["python3", "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "b.log", 1)
     with pytest.raises(RuntimeError, match=r"broken failed \(exit 3\).*b\.log(.|\n)*boom"):

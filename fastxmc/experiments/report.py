@@ -59,6 +59,7 @@ def settings_lines(opts: AblationOptions, timings: dict) -> list:
     d, m, r, o = cfg.data, cfg.model, cfg.run, cfg.optim
     overrides = " ".join(f"--{k}={v}" for k, v in opts.overrides) or "none"
     phases = ", ".join(f"{k} {v / 60:.1f}" for k, v in timings["phases"].items()) or "n/a"
+    total = f" ({sum(timings['phases'].values()) / 60:.1f} min in all)" if timings["phases"] else ""
     runs = ", ".join(f"{k} {v / 60:.1f}" for k, v in timings["runs"].items()) or "n/a"
     return [
         f"Preset `{opts.preset}`: {d.dataset} at {d.resolution}px ({d.shapes_train} training images), "
@@ -66,7 +67,7 @@ def settings_lines(opts: AblationOptions, timings: dict) -> list:
         f"{o.d_steps_per_g_step} D steps per G step, Adam G {o.g_lr:g} / D {o.d_lr:g}, EMA {o.ema_decay}, "
         f"**{r.steps} G steps**, seed {opts.seed}; extra overrides: {overrides}.",
         f"Machine: {machine_description()}; {opts.jobs} runs at once, {opts.threads} torch thread(s) each. "
-        f"Wall clock of the phases: {phases} min. Each run: {runs} min (runs overlap within a "
+        f"Wall clock of the phases: {phases} min{total}. Each run: {runs} min (runs overlap within a "
         f"phase; a resumed run counts only what this directory's invocations spent).",
         f"Evaluation: {opts.eval_samples} G_ema samples on validation captions per variant; FID/KID in "
         f"the feature space of the dual encoder pretrained in `{run_dir(opts, 'dual')}` (the same "
