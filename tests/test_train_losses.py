@@ -266,3 +266,29 @@ def test_classifier_loads_resnet50_and_is_frozen(tmp_path):
         torch.testing.assert_close(got, expected)
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+def test_classifier_dual_is_the_pretrained_image_tower(tmp_path):
+    from fastxmc.models.dual_encoder import DualEncoder, DualEncoderConfig
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(4)
+        dual = DualEncoder(DualEncoderConfig(resolution=16, width=4, embed_dim=8, region_size=8)).eval()
+        dual.save(tmp_path / "run" / "dual_encoder.pt")
+        images = torch.rand(2, 3, 32, 32)
+        small = torch.nn.functional.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            expected = dual.encode_image(small).global_feature
+        for where in (tmp_path / "run", tmp_path / "run" / "dual_encoder.pt"):   # the run dir or the file
+            f = FrozenClassifier("dual", str(where)).train()
+            assert not f.training and not any(p.requires_grad for p in f.parameters())
+            with torch.no_grad():
+                torch.testing.assert_close(f(images), expected)
+                torch.testing.assert_close(f(small), expected)                   # no resize at 16px
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
+def test_classifier_dual_needs_a_pretrained_encoder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no dual encoder at .*fastxmc.pretrain"):
+        FrozenClassifier("dual", str(tmp_path))

@@ -68,8 +68,8 @@ class LossConfig:
     word_weight: float = 1.0            # region-word loss: D on real images, G on fakes
     image_weight: float = 1.0           # C(p_fake, p_real) on D features (G only)
     classifier_weight: float = 1.0      # C(f(real), f(fake)), only with image_classifier_weights
-    image_classifier: Literal["resnet50", "vgg19"] = "resnet50"
-    image_classifier_weights: str | None = None  # a local torchvision state_dict file
+    image_classifier: Literal["resnet50", "vgg19", "dual"] = "resnet50"
+    image_classifier_weights: str | None = None  # a torchvision state_dict file; dual: a pretrain run
     word_gamma1: float = 5.0
     word_gamma2: float = 5.0
     word_gamma3: float = 50.0

@@ -39,7 +39,10 @@ from fastxmc.losses import info_nce, region_word_loss, supcon
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLASSIFIER_ARCHS = ("resnet50", "vgg19")
+# "dual": the image tower of a dual encoder pretrained by ``python -m fastxmc.pretrain`` on the same
+# data, the image-text representation of the two-phase recipe (xmcgan.md section 7); for data where
+# no ImageNet weights can be had, or where an ImageNet classifier's features say little (shapes).
+CLASSIFIER_ARCHS = ("resnet50", "vgg19", "dual")
 
 
 class Text(NamedTuple):
@@ -114,23 +117,36 @@ def pair_labels(labels: torch.Tensor, offset: int = 0) -> torch.Tensor:
 
 
 class FrozenClassifier(nn.Module):
-    """A frozen torchvision ResNet-50 or VGG-19 whose 1000-way logits feed the image loss
-    ``C(f(real), f(fake))``. Images in [0, 1] are resized to 224 and ImageNet-normalised."""
+    """A frozen image network ``f`` for the image loss ``C(f(real), f(fake))``.
+
+    ``resnet50`` / ``vgg19``: a torchvision state_dict; its 1000-way logits, images in [0, 1]
+    resized to 224 and ImageNet-normalised (the reference code). ``dual``: a dual encoder written by
+    ``python -m fastxmc.pretrain`` (its ``dual_encoder.pt`` or the run directory); its image tower's
+    global feature, images resized to the resolution it was trained at."""
 
     def __init__(self, arch: str, weights_path: str):
         super().__init__()
-        self.net = _load_classifier(arch, weights_path)
+        if arch == "dual":
+            self.net, self.size = _load_dual_tower(weights_path)
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)   # the tower maps [0, 1] itself
+        else:
+            self.net, self.size = _load_classifier(arch, weights_path), 224
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        self.arch = arch
         self.net.eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
         # Always in eval mode: its BN statistics are part of the frozen model.
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)
-        return self.net((x - self.mean) / self.std).float()
+        x = images
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        out = self.net((x - self.mean) / self.std)
+        return (out.global_feature if self.arch == "dual" else out).float()
 
 
 def _load_classifier(arch: str, weights_path: str) -> nn.Module:
@@ -151,6 +167,21 @@ def _load_classifier(arch: str, weights_path: str) -> nn.Module:
     except RuntimeError as err:
         raise ValueError(f"{path} is not a torchvision {arch} state_dict: {err}") from None
     return net
+
+
+def _load_dual_tower(weights_path: str) -> tuple:
+    """(image tower, its resolution) of a dual encoder file or pretrain run directory."""
+    from fastxmc.models.dual_encoder import DualEncoder
+
+    path = Path(weights_path).expanduser()
+    if path.is_dir():
+        path = path / "dual_encoder.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"loss.image_classifier_weights: no dual encoder at {path}. Pass the dual_encoder.pt "
+            "(or the run directory) written by `python -m fastxmc.pretrain` on the same data")
+    dual = DualEncoder.load(path)
+    return dual.image_encoder, dual.config.resolution
 
 
 class XMCLossSet:
