@@ -51,6 +51,21 @@ def _assert_close(got, want, tol, names=("context", "grad_queries", "grad_words"
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,R,T,d", SHAPES)
+def test_frozen_words_give_the_same_query_gradient(backend, B, R, T, d):
+    """G's words are frozen embeddings: the backward then skips their gradient (the cpu backend
+    runs a queries-only kernel) and the queries' gradient must not change."""
+    q, w = torch.randn(B, R, d), torch.randn(B, T, d)
+    mask, grad = _mask(B, T), torch.randn(B, R, d)
+    q = q.requires_grad_()
+    out = word_attention(q, w, mask, impl=backend)
+    (gq,) = torch.autograd.grad(out, (q,), grad)
+    want = _exact(q.detach(), w, mask, grad)
+    _assert_close([out, gq], want[:2], 2e-5)
+    assert w.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,R,T,d", SHAPES)
 def test_matches_fp64_reference(backend, B, R, T, d):
     q, w = torch.randn(B, R, d), torch.randn(B, T, d)
     mask, grad = _mask(B, T), torch.randn(B, R, d)
@@ -239,8 +254,10 @@ def test_fake_tensor_shapes():
         mask = torch.empty(3, 4, dtype=torch.bool)
         context, lse = word_attention_op(q, w, mask, 15.0, "cpu")
         assert context.shape == (3, 7, 5) and lse.shape == (3, 7) and lse.dtype == torch.float32
-        gq, gw = word_attention_backward_op(context, q, w, mask, lse, 15.0, "cpu")
+        gq, gw = word_attention_backward_op(context, q, w, mask, lse, 15.0, "cpu", True)
         assert gq.shape == q.shape and gw.shape == w.shape and gw.dtype == torch.float32
+        gq, gw = word_attention_backward_op(context, q, w, mask, lse, 15.0, "cpu", False)
+        assert gq.shape == q.shape and gw.shape == (0,)
 
 
 @requires_gpu

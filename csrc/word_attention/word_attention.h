@@ -52,6 +52,11 @@ std::tuple<at::Tensor, at::Tensor> word_attention_backward_cpu(
     const at::Tensor& grad_context, const at::Tensor& queries, const at::Tensor& words,
     const at::Tensor& word_mask, const at::Tensor& lse, double rho);
 
+// grad_queries alone (the words' gradient is not computed): for frozen word embeddings.
+at::Tensor word_attention_backward_queries_cpu(
+    const at::Tensor& grad_context, const at::Tensor& queries, const at::Tensor& words,
+    const at::Tensor& word_mask, const at::Tensor& lse, double rho);
+
 #ifdef FASTXMC_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> word_attention_forward_cuda(
     const at::Tensor& queries, const at::Tensor& words, const at::Tensor& word_mask, double rho);

@@ -9,7 +9,8 @@
 //   backward: G = q_c W^T and dP = g_c W^T; a row epilogue turns them into P and A = rho iq dS and
 //             gives each row's coefficient beta of the normalisation term;
 //             grad_q_c = beta q_c + A W (a row-scaled copy of q, then one GEMM accumulating into
-//             it); the item's grad W^ partial += P^T g_c + A^T q_c.
+//             it); the item's grad W^ partial += P^T g_c + A^T q_c (skipped, with the words'
+//             pass below, by word_attention_backward_queries: G's words are frozen embeddings).
 // W (T x D) is the batch element's normalised words, padding rows zeroed, made once per b by a
 // prologue; a last pass per b sums the items' partials and applies the words' normalisation
 // backward. So q and g are read from memory once per pass, and beyond the inputs and outputs only
@@ -238,7 +239,8 @@ void forward_impl(const at::Tensor& Q, const Words& words, const bool* mask, dou
 // Backward.
 // ---------------------------------------------------------------------------------------------
 
-// One chunk's tensors: its rows of q, g and grad_q, and the item's (T x D) grad W^ partial.
+// One chunk's tensors: its rows of q, g and grad_q, and the item's (T x D) grad W^ partial
+// (undefined when the words' gradient is not wanted).
 struct BwdChunk {
   at::Tensor q, g, grad_q, part;
 };
@@ -265,6 +267,7 @@ void backward_chunk(const BwdChunk& c, const at::Tensor& W, const bool* valid, s
   }
   at::Tensor grad_q = c.grad_q;
   at::addmm_out(grad_q, grad_q, dP, W);
+  if (!c.part.defined()) return;
   // grad W^ += P^T g + A^T q.
   at::Tensor part = c.part;
   at::addmm_out(part, part, G.t(), c.g);
@@ -294,12 +297,12 @@ void words_backward(const at::Tensor& parts, const Words& words, int64_t b, at::
 template <typename scalar_t>
 void backward_impl(const at::Tensor& Gc, const at::Tensor& Q, const Words& words,
                    const bool* mask, const at::Tensor& lse, double rho, at::Tensor& grad_q,
-                   at::Tensor& grad_w) {
+                   at::Tensor* grad_w) {
   const int64_t B = Q.size(0), R = Q.size(1), T = words.normed.size(1), D = Q.size(2);
   const int64_t nthreads = at::get_num_threads();
   const Layout lay = make_layout<scalar_t>(B, R, D, nthreads);
   const Scratch<scalar_t> scratch(nthreads, lay.chunk, T, Q.options(), /*backward=*/true);
-  at::Tensor parts = at::zeros({B, lay.splits, T, D}, Q.options());
+  const at::Tensor parts = grad_w ? at::zeros({B, lay.splits, T, D}, Q.options()) : at::Tensor();
   for_each_item(lay.items(B), nthreads, [&](int64_t item, int64_t thread) {
     const int64_t b = item / lay.splits, split = item % lay.splits;
     const int64_t end = std::min(R, (split + 1) * lay.rows);
@@ -308,7 +311,7 @@ void backward_impl(const at::Tensor& Gc, const at::Tensor& Q, const Words& words
       const int64_t rows = std::min(lay.chunk, end - r0);
       const BwdChunk c{Q.select(0, b).narrow(0, r0, rows), Gc.select(0, b).narrow(0, r0, rows),
                        grad_q.select(0, b).narrow(0, r0, rows),
-                       parts.select(0, b).select(0, split)};
+                       grad_w ? parts.select(0, b).select(0, split) : at::Tensor()};
       backward_chunk<scalar_t>(c, W, mask + b * T, static_cast<scalar_t>(rho),
                                lse.data_ptr<scalar_t>() + b * R + r0,
                                scratch.g.select(0, thread).narrow(0, 0, rows),
@@ -317,10 +320,11 @@ void backward_impl(const at::Tensor& Gc, const at::Tensor& Q, const Words& words
                                scratch.word.select(0, thread).template data_ptr<scalar_t>());
     }
   });
+  if (!grad_w) return;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t b = begin; b < end; ++b) {
-      words_backward<scalar_t>(parts.select(0, b), words, b, grad_w.select(0, b));
+      words_backward<scalar_t>(parts.select(0, b), words, b, grad_w->select(0, b));
     }
   });
 }
@@ -380,10 +384,12 @@ std::tuple<at::Tensor, at::Tensor> word_attention_forward_cpu(
   return {context, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> word_attention_backward_cpu(
-    const at::Tensor& grad_context, const at::Tensor& queries, const at::Tensor& words,
-    const at::Tensor& word_mask, const at::Tensor& lse, double rho) {
-  constexpr const char* fn = "word_attention_backward_cpu";
+namespace {
+
+// The backward of both entry points; grad_w null: the queries' gradient only.
+void backward_cpu(const char* fn, const at::Tensor& grad_context, const at::Tensor& queries,
+                  const at::Tensor& words, const at::Tensor& word_mask, const at::Tensor& lse,
+                  double rho, at::Tensor& grad_q, at::Tensor* grad_w) {
   check_inputs(fn, queries, words, word_mask, rho);
   check_cpu(fn, "grad_context", grad_context);
   TORCH_CHECK(grad_context.sizes() == queries.sizes(), fn, ": grad_context must have the queries' "
@@ -393,13 +399,32 @@ std::tuple<at::Tensor, at::Tensor> word_attention_backward_cpu(
   const at::Tensor Q = working(queries, wt), Wd = working(words, wt);
   const at::Tensor Gc = working(grad_context, wt), L = working(lse, wt);
   const at::Tensor mask = word_mask.contiguous();
-  at::Tensor grad_q = at::empty(Q.sizes(), Q.options());
-  at::Tensor grad_w = at::empty(Wd.sizes(), Wd.options());
-  AT_DISPATCH_FLOATING_TYPES(wt, fn, [&] {
+  grad_q = at::empty(Q.sizes(), Q.options());
+  if (grad_w) *grad_w = at::empty(Wd.sizes(), Wd.options());
+  AT_DISPATCH_FLOATING_TYPES(wt, "word_attention_backward_cpu", [&] {
     const Words w = normalise_words<scalar_t>(Wd, mask.data_ptr<bool>());
     backward_impl<scalar_t>(Gc, Q, w, mask.data_ptr<bool>(), L, rho, grad_q, grad_w);
   });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> word_attention_backward_cpu(
+    const at::Tensor& grad_context, const at::Tensor& queries, const at::Tensor& words,
+    const at::Tensor& word_mask, const at::Tensor& lse, double rho) {
+  at::Tensor grad_q, grad_w;
+  backward_cpu("word_attention_backward_cpu", grad_context, queries, words, word_mask, lse, rho,
+               grad_q, &grad_w);
   return {grad_q, grad_w};
+}
+
+at::Tensor word_attention_backward_queries_cpu(
+    const at::Tensor& grad_context, const at::Tensor& queries, const at::Tensor& words,
+    const at::Tensor& word_mask, const at::Tensor& lse, double rho) {
+  at::Tensor grad_q;
+  backward_cpu("word_attention_backward_queries_cpu", grad_context, queries, words, word_mask, lse,
+               rho, grad_q, nullptr);
+  return grad_q;
 }
 
 }  // namespace fastxmc
@@ -409,9 +434,13 @@ TORCH_LIBRARY_FRAGMENT(fastxmc, m) {
         "-> (Tensor, Tensor)");
   m.def("word_attention_backward(Tensor grad_context, Tensor queries, Tensor words, "
         "Tensor word_mask, Tensor lse, float rho) -> (Tensor, Tensor)");
+  // The queries' gradient alone (G's word embeddings are frozen): CPU only.
+  m.def("word_attention_backward_queries(Tensor grad_context, Tensor queries, Tensor words, "
+        "Tensor word_mask, Tensor lse, float rho) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastxmc, CPU, m) {
   m.impl("word_attention_forward", &fastxmc::word_attention_forward_cpu);
   m.impl("word_attention_backward", &fastxmc::word_attention_backward_cpu);
+  m.impl("word_attention_backward_queries", &fastxmc::word_attention_backward_queries_cpu);
 }

@@ -38,6 +38,11 @@ def _native_backward(grad_context, queries, words, word_mask, lse, rho):
                                                      rho)
 
 
+def _cpu_backward_queries(grad_context, queries, words, word_mask, lse, rho):
+    return torch.ops.fastxmc.word_attention_backward_queries(grad_context, queries, words,
+                                                             word_mask, lse, rho)
+
+
 # The C++ op dispatches on the tensors' device, so "cpu" and "cuda" share the entry points.
 _KERNELS = {
     "cpu": (_native_forward, _native_backward),
@@ -46,6 +51,10 @@ _KERNELS = {
                triton_word_attention.word_attention_backward_triton),
 }
 
+
+# Backward kernels that skip the words' gradient (G's words are frozen embeddings, so the
+# reference's autograd never computes it); the other backends compute it and drop it.
+_QUERIES_ONLY_BACKWARD = {"cpu": _cpu_backward_queries}
 
 # ---------------------------------------------------------------- what each backend supports
 _cpu_unsupported = backends.native_cpu("word_attention_forward")
@@ -91,17 +100,24 @@ def _(queries, words, word_mask, rho, backend):
 @torch.library.custom_op("fastxmc::word_attention_fused_backward", mutates_args=())
 def word_attention_backward_op(grad_context: torch.Tensor, queries: torch.Tensor,
                                words: torch.Tensor, word_mask: torch.Tensor, lse: torch.Tensor,
-                               rho: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                               rho: float, backend: str,
+                               need_grad_words: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_queries, grad_words); grad_words is an empty (0,) tensor when not ``need_grad_words``."""
+    args = (grad_context.contiguous(), queries.contiguous(), words.contiguous(),
+            word_mask.contiguous(), lse.contiguous(), rho)
+    if not need_grad_words and backend in _QUERIES_ONLY_BACKWARD:
+        grad_q = _QUERIES_ONLY_BACKWARD[backend](*args)
+        return grad_q, grad_q.new_empty(0)
     _, backward = _KERNELS[backend]
-    grad_q, grad_w = backward(grad_context.contiguous(), queries.contiguous(), words.contiguous(),
-                              word_mask.contiguous(), lse.contiguous(), rho)
-    return grad_q, grad_w
+    grad_q, grad_w = backward(*args)
+    return grad_q, (grad_w if need_grad_words else grad_w.new_empty(0))
 
 
 @word_attention_backward_op.register_fake
-def _(grad_context, queries, words, word_mask, lse, rho, backend):
+def _(grad_context, queries, words, word_mask, lse, rho, backend, need_grad_words):
     acc = _acc_dtype(queries)
-    return queries.new_empty(queries.shape, dtype=acc), words.new_empty(words.shape, dtype=acc)
+    return (queries.new_empty(queries.shape, dtype=acc),
+            words.new_empty(words.shape if need_grad_words else (0,), dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):
@@ -114,10 +130,11 @@ def _backward(ctx, grad_context, grad_lse):
     # lse is an internal output (the public function drops it): it never receives a gradient.
     queries, words, word_mask, lse = ctx.saved_tensors
     rho, backend = ctx.params
+    need_grad_words = ctx.needs_input_grad[1]
     grad_q, grad_w = word_attention_backward_op(grad_context, queries, words, word_mask, lse, rho,
-                                                backend)
+                                                backend, need_grad_words)
     return (grad_q.to(queries.dtype) if ctx.needs_input_grad[0] else None,
-            grad_w.to(words.dtype) if ctx.needs_input_grad[1] else None, None, None, None)
+            grad_w.to(words.dtype) if need_grad_words else None, None, None, None)
 
 
 word_attention_op.register_autograd(_backward, setup_context=_setup_context)
