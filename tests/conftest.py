@@ -1,7 +1,14 @@
 """Test setup: Triton kernels run in the interpreter on CPU tensors (must be set before import)."""
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch.compile's on-disk caches in a directory of this session: a graph that an older checkout
+# compiled (say, against a custom op's old schema) must not be replayed against this one.
+_OWN_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+if _OWN_INDUCTOR_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastxmc-tests-inductor-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -53,3 +60,8 @@ def train_tiny_gan(out, cache, steps: int = 2) -> None:
                                              ("run.quiet", "true"), ("run.tensorboard", "false")]))
     finally:
         torch.set_num_threads(threads)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_INDUCTOR_CACHE:
+        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)

@@ -224,15 +224,17 @@ def test_unavailable_backends_say_why():
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compiler):
+@pytest.mark.parametrize("frozen_words", [False, True], ids=["words-grad", "frozen-words"])
+def test_torch_compile_fullgraph(compiler, frozen_words):
     torch._dynamo.reset()
     proj = torch.nn.Linear(6, 8)
 
     def model(feats, words, mask):
         return word_attention(proj(feats), words, mask, impl="cpu").square().sum()
 
-    feats, words, mask = torch.randn(2, 9, 6), torch.randn(2, 4, 8, requires_grad=True), _mask(2, 4)
-    params = [words, *proj.parameters()]
+    feats, mask = torch.randn(2, 9, 6), _mask(2, 4)
+    words = torch.randn(2, 4, 8, requires_grad=not frozen_words)
+    params = [*proj.parameters()] + ([] if frozen_words else [words])
     eager = model(feats, words, mask)
     eager_grads = torch.autograd.grad(eager, params)
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
@@ -246,7 +248,8 @@ def test_torch_compile_fullgraph(compiler):
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fastxmc.ops.word_attention import word_attention_backward_op, word_attention_op
+    from fastxmc.ops.word_attention import (word_attention_backward_op,
+                                            word_attention_backward_queries_op, word_attention_op)
 
     with FakeTensorMode():
         q = torch.empty(3, 7, 5, dtype=torch.bfloat16)
@@ -254,10 +257,10 @@ def test_fake_tensor_shapes():
         mask = torch.empty(3, 4, dtype=torch.bool)
         context, lse = word_attention_op(q, w, mask, 15.0, "cpu")
         assert context.shape == (3, 7, 5) and lse.shape == (3, 7) and lse.dtype == torch.float32
-        gq, gw = word_attention_backward_op(context, q, w, mask, lse, 15.0, "cpu", True)
+        gq, gw = word_attention_backward_op(context, q, w, mask, lse, 15.0, "cpu")
         assert gq.shape == q.shape and gw.shape == w.shape and gw.dtype == torch.float32
-        gq, gw = word_attention_backward_op(context, q, w, mask, lse, 15.0, "cpu", False)
-        assert gq.shape == q.shape and gw.shape == (0,)
+        gq = word_attention_backward_queries_op(context, q, w, mask, lse, 15.0, "cpu")
+        assert gq.shape == q.shape and gq.dtype == torch.float32
 
 
 @requires_gpu

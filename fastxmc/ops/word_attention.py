@@ -100,24 +100,36 @@ def _(queries, words, word_mask, rho, backend):
 @torch.library.custom_op("fastxmc::word_attention_fused_backward", mutates_args=())
 def word_attention_backward_op(grad_context: torch.Tensor, queries: torch.Tensor,
                                words: torch.Tensor, word_mask: torch.Tensor, lse: torch.Tensor,
-                               rho: float, backend: str,
-                               need_grad_words: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_queries, grad_words); grad_words is an empty (0,) tensor when not ``need_grad_words``."""
-    args = (grad_context.contiguous(), queries.contiguous(), words.contiguous(),
-            word_mask.contiguous(), lse.contiguous(), rho)
-    if not need_grad_words and backend in _QUERIES_ONLY_BACKWARD:
-        grad_q = _QUERIES_ONLY_BACKWARD[backend](*args)
-        return grad_q, grad_q.new_empty(0)
+                               rho: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _, backward = _KERNELS[backend]
-    grad_q, grad_w = backward(*args)
-    return grad_q, (grad_w if need_grad_words else grad_w.new_empty(0))
+    grad_q, grad_w = backward(grad_context.contiguous(), queries.contiguous(), words.contiguous(),
+                              word_mask.contiguous(), lse.contiguous(), rho)
+    return grad_q, grad_w
 
 
 @word_attention_backward_op.register_fake
-def _(grad_context, queries, words, word_mask, lse, rho, backend, need_grad_words):
+def _(grad_context, queries, words, word_mask, lse, rho, backend):
     acc = _acc_dtype(queries)
-    return (queries.new_empty(queries.shape, dtype=acc),
-            words.new_empty(words.shape if need_grad_words else (0,), dtype=acc))
+    return queries.new_empty(queries.shape, dtype=acc), words.new_empty(words.shape, dtype=acc)
+
+
+# A separate op, not a flag on the one above: graphs that torch.compile cached with the full
+# backward keep calling an op of the same schema.
+@torch.library.custom_op("fastxmc::word_attention_fused_backward_queries", mutates_args=())
+def word_attention_backward_queries_op(grad_context: torch.Tensor, queries: torch.Tensor,
+                                       words: torch.Tensor, word_mask: torch.Tensor,
+                                       lse: torch.Tensor, rho: float, backend: str) -> torch.Tensor:
+    """grad_queries alone, for words that need no gradient."""
+    args = (grad_context.contiguous(), queries.contiguous(), words.contiguous(),
+            word_mask.contiguous(), lse.contiguous(), rho)
+    if backend in _QUERIES_ONLY_BACKWARD:
+        return _QUERIES_ONLY_BACKWARD[backend](*args)
+    return _KERNELS[backend][1](*args)[0]
+
+
+@word_attention_backward_queries_op.register_fake
+def _(grad_context, queries, words, word_mask, lse, rho, backend):
+    return queries.new_empty(queries.shape, dtype=_acc_dtype(queries))
 
 
 def _setup_context(ctx, inputs, output):
@@ -130,11 +142,14 @@ def _backward(ctx, grad_context, grad_lse):
     # lse is an internal output (the public function drops it): it never receives a gradient.
     queries, words, word_mask, lse = ctx.saved_tensors
     rho, backend = ctx.params
-    need_grad_words = ctx.needs_input_grad[1]
+    if not ctx.needs_input_grad[1]:
+        grad_q = word_attention_backward_queries_op(grad_context, queries, words, word_mask, lse,
+                                                    rho, backend)
+        return grad_q.to(queries.dtype), None, None, None, None
     grad_q, grad_w = word_attention_backward_op(grad_context, queries, words, word_mask, lse, rho,
-                                                backend, need_grad_words)
+                                                backend)
     return (grad_q.to(queries.dtype) if ctx.needs_input_grad[0] else None,
-            grad_w.to(words.dtype) if need_grad_words else None, None, None, None)
+            grad_w.to(words.dtype), None, None, None)
 
 
 word_attention_op.register_autograd(_backward, setup_context=_setup_context)
