@@ -39,11 +39,10 @@ from fastxmc.eval.inception import load_inception
 from fastxmc.eval.metrics import (FeatureStats, fid_from_stats, inception_score,
                                   kernel_inception_distance, r_precision)
 from fastxmc.eval.probe import PROBE_ATTRIBUTES, probe_discriminator
-from fastxmc.models.dual_encoder import DualEncoder
+from fastxmc.models.dual_encoder import DUAL_ENCODER_FILE, DualEncoder
 from fastxmc.train.checkpoint import load_run
 
 EVAL_DIR = "eval"
-DUAL_FILE = "dual_encoder.pt"
 STATS_FORMAT = "fastxmc-eval-real-stats-v1"
 
 
@@ -101,10 +100,10 @@ def resolve_dual_path(dual, data_cfg) -> Path:
             f"--dual runs/dual")
     path = Path(dual)
     if path.is_dir():
-        path = path / DUAL_FILE
+        path = path / DUAL_ENCODER_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"--dual {dual}: no {DUAL_FILE} in that directory; pretrain one "
-                                    f"with `{pretrain_hint(data_cfg)}`")
+            raise FileNotFoundError(f"--dual {dual}: no {DUAL_ENCODER_FILE} in that directory; "
+                                    f"pretrain one with `{pretrain_hint(data_cfg)}`")
     elif not path.is_file():
         raise FileNotFoundError(f"--dual {dual}: no such file or directory; pretrain a dual encoder "
                                 f"with `{pretrain_hint(data_cfg)}`")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastxmc.atomic import atomic_write_text
+from fastxmc.models.dual_encoder import DUAL_ENCODER_FILE
 from fastxmc.pretrain.config import preset_config as pretrain_preset
 from fastxmc.train.checkpoint import latest_checkpoint
 from fastxmc.train.config import build_config
@@ -248,7 +249,7 @@ def finished(path: Path, steps: int) -> bool:
 def pretrain_evaluator(opts: AblationOptions, timings: dict) -> None:
     out = run_dir(opts, "dual")
     steps = opts.dual_steps or pretrain_preset(opts.preset).run.steps
-    if finished(out, steps) and (out / "dual_encoder.pt").is_file():
+    if finished(out, steps) and (out / DUAL_ENCODER_FILE).is_file():
         _say(opts.progress, f"evaluator: reusing {out}")
         return
     job = Job("dual encoder", pretrain_command(opts), Path(opts.out) / "logs" / "dual.log",

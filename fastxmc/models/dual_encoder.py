@@ -33,9 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["DualEncoderConfig", "ImageEncoding", "TextEncoding", "ImageEncoder", "TextEncoder",
-           "DualEncoder"]
+           "DualEncoder", "DUAL_ENCODER_FILE"]
 
 CHECKPOINT_FORMAT = "fastxmc-dual-encoder-v1"
+# The model file of a pretrain run directory (what --dual and loss.image_classifier_weights take).
+DUAL_ENCODER_FILE = "dual_encoder.pt"
 
 
 @dataclass(frozen=True)

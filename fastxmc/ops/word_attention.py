@@ -97,14 +97,18 @@ def _(queries, words, word_mask, rho, backend):
             queries.new_empty(queries.shape[:2], dtype=acc))
 
 
+def _backward_args(grad_context, queries, words, word_mask, lse, rho) -> tuple:
+    """The backward kernels' arguments, tensors made contiguous."""
+    return (grad_context.contiguous(), queries.contiguous(), words.contiguous(),
+            word_mask.contiguous(), lse.contiguous(), rho)
+
+
 @torch.library.custom_op("fastxmc::word_attention_fused_backward", mutates_args=())
 def word_attention_backward_op(grad_context: torch.Tensor, queries: torch.Tensor,
                                words: torch.Tensor, word_mask: torch.Tensor, lse: torch.Tensor,
                                rho: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _, backward = _KERNELS[backend]
-    grad_q, grad_w = backward(grad_context.contiguous(), queries.contiguous(), words.contiguous(),
-                              word_mask.contiguous(), lse.contiguous(), rho)
-    return grad_q, grad_w
+    return backward(*_backward_args(grad_context, queries, words, word_mask, lse, rho))
 
 
 @word_attention_backward_op.register_fake
@@ -120,8 +124,7 @@ def word_attention_backward_queries_op(grad_context: torch.Tensor, queries: torc
                                        words: torch.Tensor, word_mask: torch.Tensor,
                                        lse: torch.Tensor, rho: float, backend: str) -> torch.Tensor:
     """grad_queries alone, for words that need no gradient."""
-    args = (grad_context.contiguous(), queries.contiguous(), words.contiguous(),
-            word_mask.contiguous(), lse.contiguous(), rho)
+    args = _backward_args(grad_context, queries, words, word_mask, lse, rho)
     if backend in _QUERIES_ONLY_BACKWARD:
         return _QUERIES_ONLY_BACKWARD[backend](*args)
     return _KERNELS[backend][1](*args)[0]

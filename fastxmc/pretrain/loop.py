@@ -24,7 +24,7 @@ from torch import nn
 
 from fastxmc.data.loader import build_loader
 from fastxmc.losses import info_nce, region_word_loss, supcon
-from fastxmc.models.dual_encoder import DualEncoder
+from fastxmc.models.dual_encoder import DUAL_ENCODER_FILE as MODEL_FILE, DualEncoder
 from fastxmc.pretrain.config import PretrainConfig, config_to_dict, dual_encoder_config
 from fastxmc.train import checkpoint as ckpt
 from fastxmc.train.distributed import DistEnv, any_rank, barrier, init_distributed, shutdown, unwrap, wrap
@@ -33,8 +33,6 @@ from fastxmc.train.loop import (Meter, NonFiniteLossError, StopSignal, autocast_
                                 due, fetch, load_resume_state, make_optimizer, prepare_run_dir,
                                 seed_everything)
 from fastxmc.train.losses import pair_labels
-
-MODEL_FILE = "dual_encoder.pt"
 
 
 class PretrainResult(NamedTuple):

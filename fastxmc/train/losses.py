@@ -126,16 +126,14 @@ class FrozenClassifier(nn.Module):
 
     def __init__(self, arch: str, weights_path: str):
         super().__init__()
-        if arch == "dual":
+        self.dual = arch == "dual"
+        if self.dual:   # the tower maps [0, 1] itself: no normalisation
             self.net, self.size = _load_dual_tower(weights_path)
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)   # the tower maps [0, 1] itself
         else:
             self.net, self.size = _load_classifier(arch, weights_path), 224
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        self.arch = arch
+            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.net.eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
         # Always in eval mode: its BN statistics are part of the frozen model.
@@ -145,8 +143,9 @@ class FrozenClassifier(nn.Module):
         x = images
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        out = self.net((x - self.mean) / self.std)
-        return (out.global_feature if self.arch == "dual" else out).float()
+        if self.dual:
+            return self.net(x).global_feature.float()
+        return self.net((x - self.mean) / self.std).float()
 
 
 def _load_classifier(arch: str, weights_path: str) -> nn.Module:
@@ -171,14 +170,14 @@ def _load_classifier(arch: str, weights_path: str) -> nn.Module:
 
 def _load_dual_tower(weights_path: str) -> tuple:
     """(image tower, its resolution) of a dual encoder file or pretrain run directory."""
-    from fastxmc.models.dual_encoder import DualEncoder
+    from fastxmc.models.dual_encoder import DUAL_ENCODER_FILE, DualEncoder
 
     path = Path(weights_path).expanduser()
     if path.is_dir():
-        path = path / "dual_encoder.pt"
+        path = path / DUAL_ENCODER_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"loss.image_classifier_weights: no dual encoder at {path}. Pass the dual_encoder.pt "
+            f"loss.image_classifier_weights: no dual encoder at {path}. Pass the {DUAL_ENCODER_FILE} "
             "(or the run directory) written by `python -m fastxmc.pretrain` on the same data")
     dual = DualEncoder.load(path)
     return dual.image_encoder, dual.config.resolution
