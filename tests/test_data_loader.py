@@ -16,8 +16,8 @@ from fastxmc.data import loader as loader_mod
 from fastxmc.data.config import DataConfig
 from fastxmc.data.dali import dali_available
 from fastxmc.data.folder import write_records
-from fastxmc.data.loader import batches_per_epoch, build_loader, epoch_plan, grouped_order
-from fastxmc.data.shapes import label_attribute
+from fastxmc.data.loader import batches_per_epoch, build_loader, epoch_plan, grouped_order, mixed_group_keys
+from fastxmc.data.shapes import label_attribute, read_attributes
 from fastxmc.data.sources import DataWarning, UnreadableImageError
 
 requires_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
@@ -175,13 +175,75 @@ def test_group_by_color_makes_runs_of_one_colour_and_several_shapes(cache_dir):
     old = dict(by_label.state_dict())
     del old["group_by"]
     by_label.load_state_dict(old)
-    with pytest.raises(ValueError, match=r"DataConfig.group_by must be one of .*got 'size'"):
-        _shapes(cache_dir, group_by="size", label_groups=2)
-    with pytest.raises(ValueError, match="group_by='color' reads the shapes dataset's labels; "
+    with pytest.raises(ValueError, match=r"group_by='colour': unknown key 'colour' in 'colour'; each "
+                                         r"alternative is 'label' or a '\+'-joined set of shape, color"):
+        _shapes(cache_dir, group_by="colour", label_groups=2)
+    with pytest.raises(ValueError, match=r"group_by='size\+size': a key named twice in 'size\+size'"):
+        _shapes(cache_dir, group_by="size+size", label_groups=2)
+    with pytest.raises(ValueError, match=r"group_by='size\+color,color\+size' names 'color\+size' twice"):
+        _shapes(cache_dir, group_by="size+color,color+size", label_groups=2)
+    with pytest.raises(ValueError, match="group_by='label,': unknown key '' in ''"):
+        _shapes(cache_dir, group_by="label,", label_groups=2)
+    with pytest.raises(TypeError, match="DataConfig.group_by must be a non-empty string, got ''"):
+        _shapes(cache_dir, group_by="", label_groups=2)
+    with pytest.raises(ValueError, match="group_by='color' reads the shapes dataset's attributes; "
                                          "dataset='folder' can only group by 'label'"):
         DataConfig(dataset="folder", path="/nonexistent", group_by="color", label_groups=2)
     with pytest.raises(ValueError, match=r"group_by='shape' says what .* set data.label_groups > 0"):
         _shapes(cache_dir, group_by="shape")
+
+
+def _primary_objects(loader) -> dict:
+    by_image = {r["image"]: r["objects"][0] for r in read_attributes(loader.data.root / "train")}
+    return {i: by_image[r.image] for i, r in enumerate(loader.data.records)}
+
+
+def test_group_by_attribute_sets_makes_runs_that_differ_only_in_the_rest(cache_dir):
+    cfg = _shapes(cache_dir, backend="torch", workers=0, shapes_train=240, label_groups=2,
+                  group_by="color+size+position")
+    loader = build_loader(cfg, batch_size=8, seed=2, progress=False)
+    objects = _primary_objects(loader)
+    pairs = torch.cat([b["index"].reshape(-1, 2) for b in loader]).tolist()
+    same = [all(objects[i][a] == objects[j][a] for a in ("color", "size", "position")) for i, j in pairs]
+    # 240 images over 8 x 2 x 9 = 144 (colour, size, position) cells: about half of them have a
+    # partner; the leftovers are paired at random and almost never agree in all three
+    assert 0.3 < np.mean(same) < 0.9
+    shapes_differ = [objects[i]["shape"] != objects[j]["shape"] for (i, j), s in zip(pairs, same) if s]
+    assert np.mean(shapes_differ) > 0.6           # 5 of 6 at random: the pair differs only in shape
+    # one attribute of the attribute sets is label_attribute's key: the same order as before
+    color = build_loader(_shapes(cache_dir, backend="torch", workers=0, shapes_train=240, label_groups=2,
+                                 group_by="color"), batch_size=8, seed=2, progress=False)
+    assert np.array_equal(color._group_keys, label_attribute(color._labels, "color"))
+
+
+def test_group_by_alternatives_mixes_both_kinds_of_run_in_a_batch(cache_dir):
+    cfg = _shapes(cache_dir, backend="torch", workers=0, shapes_train=240, label_groups=2,
+                  group_by="label,color+size+position")
+    loader = build_loader(cfg, batch_size=8, seed=2, progress=False)
+    assert loader._group_keys.shape == (2, 240)
+    objects = _primary_objects(loader)
+    batches = [b["index"].reshape(-1, 2).tolist() for b in loader]
+    same_label = [objects[i]["shape"] == objects[j]["shape"] and objects[i]["color"] == objects[j]["color"]
+                  for b in batches for i, j in b]
+    same_scene = [all(objects[i][a] == objects[j][a] for a in ("color", "size", "position"))
+                  for b in batches for i, j in b]
+    assert np.mean(same_label) > 0.3 and np.mean(same_scene) > 0.15
+    assert np.mean(same_label) + np.mean(same_scene) > 0.7      # nearly every pair is one or the other
+    # the alternatives are redrawn every epoch, from (seed, epoch) only
+    first, again = loader.plan(0), build_loader(cfg, batch_size=8, seed=2, progress=False).plan(0)
+    assert all(np.array_equal(a, b) for a, b in zip(first.batches, again.batches))
+    assert not all(np.array_equal(a, b) for a, b in zip(first.batches, loader.plan(1).batches))
+
+
+def test_mixed_group_keys_keeps_alternatives_apart():
+    keys = np.array([[0, 0, 1, 1, -1, 0], [5, 5, 5, 5, 5, -1]])
+    mixed = mixed_group_keys(keys, np.random.default_rng(0))
+    choice = np.random.default_rng(0).integers(2, size=6)
+    for i in range(6):
+        k = keys[choice[i], i]
+        assert mixed[i] == (-1 if k < 0 else k * 2 + choice[i])
+    assert np.array_equal(mixed_group_keys(keys[:1], np.random.default_rng(0)), keys[0])
+    assert np.array_equal(mixed_group_keys(keys[1], np.random.default_rng(0)), keys[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ DATASETS = ("shapes", "folder", "coco", "cub", "ln")
 BACKENDS = ("auto", "dali", "torch")
 SPLITS = ("train", "val")
 LN_SOURCES = ("coco", "open_images")
-# What the samples of a label_groups run share: the primary label, or (shapes dataset) one attribute
-# of the primary object, which the shapes label encodes (fastxmc.data.shapes.label_attribute).
-GROUP_KEYS = ("label", "color", "shape")
+# What the samples of a label_groups run share (DataConfig.group_by, parsed by group_alternatives):
+# the primary label, or (shapes dataset) a set of the primary object's attributes.
+GROUP_ATTRIBUTES = ("shape", "color", "size", "position")
 # [CLS] + words + [SEP]: shapes captions have at most 15 words; 17 and 64 are the reference code's.
 DEFAULT_MAX_TOKENS = {"shapes": 24, "folder": 17, "coco": 17, "cub": 17, "ln": 64}
 
@@ -49,7 +49,7 @@ class DataConfig:
     strict: bool = False                # an unreadable image is an error instead of a skipped sample
     two_captions: bool = False          # also return a second, different caption of each image
     label_groups: int = 0               # batches made of runs of this many same-label samples; 0: off
-    group_by: str = "label"             # what a run shares: label, or (shapes) color | shape
+    group_by: str = "label"             # what a run shares: label, or (shapes) e.g. color+size (below)
     cache_dir: str | None = None        # text caches, image checks, the shapes dataset
     shapes_train: int = 20000           # shapes dataset: images in the train split
     shapes_val: int = 1000              # shapes dataset: images in the val split
@@ -71,9 +71,9 @@ class DataConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("ln_source", self.ln_source, LN_SOURCES)
-        _check_choice("group_by", self.group_by, GROUP_KEYS)
-        if self.group_by != "label" and self.dataset != "shapes":
-            raise ValueError(f"DataConfig.group_by={self.group_by!r} reads the shapes dataset's labels; "
+        alternatives = group_alternatives(self.group_by)
+        if alternatives != [("label",)] and self.dataset != "shapes":
+            raise ValueError(f"DataConfig.group_by={self.group_by!r} reads the shapes dataset's attributes; "
                              f"dataset={self.dataset!r} can only group by 'label'")
         if self.group_by != "label" and not self.label_groups:
             raise ValueError(f"DataConfig.group_by={self.group_by!r} says what the samples of a "
@@ -138,6 +138,34 @@ class DataConfig:
         if unknown:
             raise ValueError(f"unknown DataConfig keys {unknown}; known: {sorted(names)}")
         return cls(**d)
+
+
+def group_alternatives(group_by: str) -> list[tuple[str, ...]]:
+    """``DataConfig.group_by`` parsed: comma-separated alternatives, each ``"label"`` (the primary
+    label) or a ``+``-joined set of the shapes dataset's primary-object attributes
+    (:data:`GROUP_ATTRIBUTES`). A run's samples share everything its alternative names; with several
+    alternatives each sample is given to one of them at random every epoch, so a batch mixes runs of
+    each kind (e.g. ``"label,color+size+position"``: pairs that differ only in position and size, and
+    pairs that differ only in shape). Attribute sets come back in :data:`GROUP_ATTRIBUTES` order."""
+    if not isinstance(group_by, str) or not group_by.strip():
+        raise TypeError(f"DataConfig.group_by must be a non-empty string, got {group_by!r}")
+    expected = ("each alternative is 'label' or a '+'-joined set of " + ", ".join(GROUP_ATTRIBUTES)
+                + ", alternatives separated by ','")
+    alternatives = []
+    for text in group_by.split(","):
+        names = [n.strip() for n in text.split("+")]
+        if names == ["label"]:
+            alternative = ("label",)
+        else:
+            unknown = [n for n in names if n not in GROUP_ATTRIBUTES]
+            if unknown or len(set(names)) != len(names):
+                what = f"unknown key {unknown[0]!r}" if unknown else "a key named twice"
+                raise ValueError(f"DataConfig.group_by={group_by!r}: {what} in {text.strip()!r}; {expected}")
+            alternative = tuple(a for a in GROUP_ATTRIBUTES if a in names)
+        if alternative in alternatives:
+            raise ValueError(f"DataConfig.group_by={group_by!r} names {'+'.join(alternative)!r} twice")
+        alternatives.append(alternative)
+    return alternatives
 
 
 def _check_choice(name: str, value, choices) -> None:

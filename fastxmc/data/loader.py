@@ -24,9 +24,11 @@ With ``cfg.label_groups = K`` the permutation is made of runs of K samples shari
 label (:func:`grouped_order`), laid out so that every rank's share keeps the runs whole: each batch
 (a multiple of K) then holds B/K labels, K samples each, which gives the contrastive terms hard
 negatives (same class, other attributes) and SupCon guaranteed positives, as metric learning's
-"m per class" samplers do. ``cfg.group_by`` = ``"color"`` or ``"shape"`` (shapes dataset) makes the
-runs share only that attribute of the primary object instead of the whole label, so the samples of a
-run differ in the other one. ``state_dict()`` is ``(epoch, position)`` plus what must match on
+"m per class" samplers do. ``cfg.group_by`` (shapes dataset) makes the runs share a set of the
+primary object's attributes instead of the label: ``"color+size+position"`` gives runs whose samples
+differ only in shape (and in what else is in the image). Several comma-separated alternatives
+(``"label,color+size+position"``) give each sample to one of them at random every epoch
+(:func:`mixed_group_keys`), so a batch mixes the kinds of runs. ``state_dict()`` is ``(epoch, position)`` plus what must match on
 resume; ``load_state_dict`` makes the next batch exactly the one that would have come next.
 
 Backends (``cfg.backend``; ``loader.backend`` and ``loader.backend_reason`` say which and why): both
@@ -56,12 +58,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fastxmc.data.config import DataConfig
+from fastxmc.data.config import DataConfig, group_alternatives
 from fastxmc.data.sources import SplitData, UnreadableImageError, load_split
 from fastxmc.data.text import CaptionCache, FrozenTextEncoder, open_caption_cache
 
 __all__ = ["Loader", "build_loader", "choose_backend", "epoch_plan", "EpochPlan", "grouped_order",
-           "load_image"]
+           "mixed_group_keys", "load_image"]
 
 STATE_VERSION = 1
 # Identity fields added after version 1, with the value states saved before them imply.
@@ -145,12 +147,28 @@ def grouped_order(labels: np.ndarray, group_size: int, rng: np.random.Generator,
     return np.concatenate([body, runs[whole:].ravel(), rest[full:]]).astype(np.int64)
 
 
+def mixed_group_keys(keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(N,) group keys from (A, N) ``keys`` of A alternatives: each sample is given to one alternative
+    at random and keyed by it, with keys made distinct across alternatives, so that
+    :func:`grouped_order` only groups samples given to the same alternative. -1 (no key) stays -1."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if keys.ndim == 1:
+        return keys
+    n_alt, n = keys.shape
+    if n_alt == 1:
+        return keys[0]
+    choice = rng.integers(n_alt, size=n)
+    chosen = keys[choice, np.arange(n)]
+    return np.where(chosen < 0, -1, chosen * n_alt + choice)
+
+
 def epoch_plan(n_captions: np.ndarray, *, seed: int, epoch: int, batch_size: int, rank: int = 0,
                world_size: int = 1, shuffle: bool = True, drop_last: bool = True,
                flip: bool = False, labels: np.ndarray | None = None,
                label_groups: int = 0) -> EpochPlan:
     """The plan of ``epoch`` for ``rank``. ``n_captions`` (N,): captions per sample; with
-    ``label_groups`` > 0 (and ``shuffle``), ``labels`` (N,) group the order (:func:`grouped_order`).
+    ``label_groups`` > 0 (and ``shuffle``), ``labels`` (N,) group the order (:func:`grouped_order`);
+    (A, N) ``labels`` are A alternative keys, mixed anew each epoch (:func:`mixed_group_keys`).
 
     Every draw depends on ``(seed, epoch)`` and the sample index only (see the module docstring).
     """
@@ -159,7 +177,8 @@ def epoch_plan(n_captions: np.ndarray, *, seed: int, epoch: int, batch_size: int
     if not shuffle:
         order = np.arange(n)
     elif label_groups:
-        order = grouped_order(labels, label_groups, np.random.default_rng([seed, epoch, 0]), world_size)
+        keys = mixed_group_keys(labels, np.random.default_rng([seed, epoch, 2]))
+        order = grouped_order(keys, label_groups, np.random.default_rng([seed, epoch, 0]), world_size)
     else:
         order = np.random.default_rng([seed, epoch, 0]).permutation(n)
     u = np.random.default_rng([seed, epoch, 1]).random((3, n))
@@ -291,7 +310,7 @@ class Loader:
         self._offsets = np.concatenate([[0], np.cumsum(self._n_captions)])
         self._rows = self._cache.rows(c for r in self.data.records for c in r.captions)
         self._labels = self.data.primary_labels()
-        self._group_keys = _group_keys(self._labels, cfg.group_by)
+        self._group_keys = _group_keys(self.data, self._labels, cfg.group_by)
         if shuffle:  # an unshuffled loader (evaluation) reads in index order, without groups
             _check_label_groups(cfg.label_groups, batch_size, self._labels, f"{cfg.dataset} {split!r} split")
         self.text_dim = self._cache.dim
@@ -476,13 +495,16 @@ def _check_loader_args(batch_size, rank, world_size, seed) -> None:
         raise ValueError(f"rank must be < world_size, got rank={rank} world_size={world_size}")
 
 
-def _group_keys(labels: np.ndarray, group_by: str) -> np.ndarray:
-    """What the samples of a label_groups run share (DataConfig.group_by): the label, or one attribute
-    of the shapes dataset's primary object, which its label encodes."""
-    if group_by == "label":
+def _group_keys(data: SplitData, labels: np.ndarray, group_by: str) -> np.ndarray:
+    """What the samples of a label_groups run share (DataConfig.group_by): (N,) labels, or for
+    several alternatives (A, N) keys, one row per alternative (:func:`mixed_group_keys`)."""
+    alternatives = group_alternatives(group_by)
+    if alternatives == [("label",)]:
         return labels
-    from fastxmc.data.shapes import label_attribute
-    return label_attribute(labels, group_by)
+    from fastxmc.data.shapes import primary_object_keys
+    folder, images = data.root / data.split, [r.image for r in data.records]
+    rows = [labels if alt == ("label",) else primary_object_keys(folder, images, alt) for alt in alternatives]
+    return np.stack(rows) if len(rows) > 1 else rows[0]
 
 
 def _check_label_groups(group_size: int, batch_size: int, labels: np.ndarray, what: str) -> None:

@@ -62,6 +62,7 @@ __all__ = [
     "LABEL_NAMES", "NUM_CLASSES", "SPLIT_IDS", "GENERATOR_VERSION", "ShapesConfig", "Sample",
     "label_of", "label_attribute", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
     "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete", "named_attributes",
+    "primary_object_keys", "ATTRIBUTE_VALUES",
     "describe_object",
 ]
 
@@ -117,6 +118,30 @@ def label_attribute(labels, attribute: str) -> np.ndarray:
         raise ValueError(f"labels must be shapes class ids in [0, {NUM_CLASSES}) or -1")
     index = labels // len(COLORS) if attribute == "shape" else labels % len(COLORS)
     return np.where(labels < 0, -1, index)
+
+
+# The vocabulary of each attribute a batch can be grouped by (DataConfig.group_by).
+ATTRIBUTE_VALUES = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS}
+
+
+def primary_object_keys(folder, images, attributes) -> np.ndarray:
+    """(N,) int64: one key per image (``images``: paths relative to the split ``folder``, as in its
+    ``captions.jsonl``), equal for two images exactly when their primary objects (the first object,
+    which the label describes) agree in every one of ``attributes``. The key of one attribute is its
+    index in :data:`ATTRIBUTE_VALUES` (so ``("color",)`` gives :func:`label_attribute`'s colours)."""
+    unknown = [a for a in attributes if a not in ATTRIBUTE_VALUES]
+    if unknown or not attributes:
+        raise ValueError(f"attributes must be a non-empty set of {list(ATTRIBUTE_VALUES)}, got {attributes!r}")
+    by_image = {r["image"]: r["objects"][0] for r in read_attributes(folder)}
+    missing = [im for im in images if im not in by_image]
+    if missing:
+        raise ValueError(f"{Path(folder) / 'attributes.jsonl'} has no record of {len(missing)} image(s), "
+                         f"e.g. {missing[0]!r}: regenerate the dataset")
+    keys = np.zeros(len(images), np.int64)
+    for name in attributes:               # mixed radix over the attributes' vocabularies
+        values = ATTRIBUTE_VALUES[name]
+        keys = keys * len(values) + np.array([values.index(by_image[im][name]) for im in images], np.int64)
+    return keys
 
 
 @dataclass(frozen=True)
