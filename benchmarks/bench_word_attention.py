@@ -1,14 +1,16 @@
 """Benchmark of the fused word attention (XMC-GAN's attention in G) against the reference.
 
     python -m benchmarks.bench_word_attention [--cases generator,shapes] [--batches 16,32]
-        [--regions 256] [--device cpu|cuda] [--dtype fp32] [--modes fwd,bwd,full]
+        [--regions 256] [--layout rows|conv] [--device cpu|cuda] [--dtype fp32] [--modes fwd,bwd,full]
         [--providers ...] [--reps K] [--quick] [--out benchmarks/results/word_attention.csv]
 
 Cases (``--cases``): ``generator`` = the 128px generator's attention at 16x16 (R = 256 regions,
 T = 17 tokens, d = 768, B = 8, 16, 32, 56); ``shapes`` = the shapes preset (T = 24, d = 384 from
 MiniLM, B = 16, 32); ``ln`` = Localized Narratives captions (T = 64, d = 768, B = 16, 32).
 ``--batches`` replaces every case's batch sizes, ``--dim`` every case's d (e.g. the shapes preset
-with its MiniLM words projected to a smaller d).
+with its MiniLM words projected to a smaller d). ``--layout conv`` gives the queries and the
+upstream gradient in G's layout, transposed views of (B, d, R) tensors (G's flattened 16x16 conv
+output), which the cpu backend reads in place; its rows are recorded as case ``<case>-conv``.
 
 Providers: ``reference`` (the materialized oracle, the baseline of ``speedup_vs_reference``) and
 ``fastxmc-<backend>`` for every fused backend that can run here. Modes: ``fwd`` the forward with
@@ -66,16 +68,22 @@ class Inputs:
         return [self.queries, self.words]
 
 
-def setup_inputs(b: int, r: int, t: int, d: int, dtype, device, seed: int = 0) -> Inputs:
+def setup_inputs(b: int, r: int, t: int, d: int, dtype, device, seed: int = 0,
+                 layout: str = "rows") -> Inputs:
+    """Random inputs; ``layout="conv"``: queries and upstream gradient as transposed (B, d, R)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
+    def rows(requires_grad=False):
+        if layout == "conv":
+            return rand(b, d, r).requires_grad_(requires_grad).transpose(1, 2)
+        return rand(b, r, d).requires_grad_(requires_grad)
+
     lengths = torch.randint(max(1, (2 * t) // 5), t + 1, (b,), generator=gen)
     mask = (torch.arange(t)[None, :] < lengths[:, None]).to(device)
-    return Inputs(rand(b, r, d).requires_grad_(), rand(b, t, d).requires_grad_(), mask,
-                  rand(b, r, d))
+    return Inputs(rows(True), rand(b, t, d).requires_grad_(), mask, rows())
 
 
 # ---------------------------------------------------------------- providers
@@ -162,9 +170,9 @@ def _check_against_reference(row: sweeps.Row, ref_checksum: Optional[float]) -> 
 # ---------------------------------------------------------------- the sweep
 def run_point(case_name: str, b: int, t: int, d: int, args, device, dtype, chosen, meta) -> list:
     """Measures the GEMM baseline and every provider at one shape; prints and appends each row."""
-    case = dict(op="word_attention", case=case_name, b=b, r=args.regions, t=t, d=d,
-                dtype=args.dtype)
-    x = setup_inputs(b, args.regions, t, d, dtype, device)
+    case = dict(op="word_attention", case=case_label(case_name, args.layout), b=b, r=args.regions,
+                t=t, d=d, dtype=args.dtype)
+    x = setup_inputs(b, args.regions, t, d, dtype, device, layout=args.layout)
     rows = list(GEMM.rows(lambda k: _gemm_calls(x, k), args.modes, device, args.policy))
     ref_checksum = None
     for provider in chosen:
@@ -180,6 +188,10 @@ def run_point(case_name: str, b: int, t: int, d: int, args, device, dtype, chose
                          args.out, COLUMNS)
 
 
+def case_label(case_name: str, layout: str) -> str:
+    return case_name if layout == "rows" else f"{case_name}-{layout}"
+
+
 def print_verdicts(rows: list, args, device, dtype) -> None:
     """PASS/FAIL: the default backend (full mode) against the reference, per judged batch size."""
     backend = f"fastxmc-{default_backend(device, dtype)}"
@@ -187,7 +199,8 @@ def print_verdicts(rows: list, args, device, dtype) -> None:
     print(f"summary word_attention: {backend} (default backend), full mode, {args.dtype} on "
           f"{device.type}; load average {common.load_average()}", flush=True)
     for case_name, (min_b, speedup) in VERDICTS.items():
-        mine = [r for r in rows if r["case"] == case_name and r["mode"] == "full"
+        label = case_label(case_name, args.layout)
+        mine = [r for r in rows if r["case"] == label and r["mode"] == "full"
                 and r["provider"] == backend and r["status"] == "ok"]
         for row in mine:
             value = row["speedup_vs_reference"]
@@ -211,6 +224,9 @@ def parse_args(argv=None):
                    help="batch sizes for every case (default: each case's own; --quick: 16)")
     p.add_argument("--regions", type=int, default=256, help="R (default 256 = 16x16)")
     p.add_argument("--dim", type=int, default=None, help="d for every case (default: each case's)")
+    p.add_argument("--layout", choices=["rows", "conv"], default="rows",
+                   help="queries and upstream gradient as contiguous rows, or as G's transposed "
+                        "(B, d, R) conv output (default rows)")
     sweeps.add_device_args(p, DTYPES)
     sweeps.add_modes_arg(p)
     p.add_argument("--providers", type=sweeps.csv_list, default=None,

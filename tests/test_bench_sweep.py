@@ -286,3 +286,18 @@ def test_benchmark_tiny_run(name, tmp_path, capsys, _keep_threads):
         if ratio and r["provider"] == r["baseline"]:
             assert float(r[ratio]) == 1.0
     assert {r["provider"] for r in rows} == providers
+
+
+def test_word_attention_benchmark_conv_layout(tmp_path, capsys, _keep_threads):
+    """--layout conv: G's transposed (B, d, R) queries; rows say so in their case, with the same
+    checksum check against the reference (no MISMATCH note)."""
+    out = tmp_path / "wa.csv"
+    argv = ["--cases", "shapes", "--batches", "2", "--regions", "6", "--dim", "8", "--modes", "full",
+            "--providers", "reference,fastxmc-cpu", "--layout", "conv"]
+    assert bench_word_attention.main(argv + TIMING + ["--out", str(out)]) == 0
+    assert "summary" in capsys.readouterr().out
+    rows = common.read_rows(out)
+    assert {r["case"] for r in rows} == {"shapes-conv"}
+    assert all(r["status"] == "ok" and "MISMATCH" not in r["note"] for r in rows)
+    x = bench_word_attention.setup_inputs(2, 6, 4, 8, torch.float32, torch.device("cpu"), layout="conv")
+    assert x.queries.transpose(1, 2).is_contiguous() and x.grad.transpose(1, 2).is_contiguous()

@@ -158,6 +158,78 @@ def test_non_contiguous_inputs(backend):
     _assert_close(got, _exact(q, w, mask, grad), 2e-5)
 
 
+def _channel_major(x):
+    return x.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("frozen_words", [False, True], ids=["words-grad", "frozen-words"])
+@pytest.mark.parametrize("B,d,H,W,T", [(2, 12, 4, 5, 6), (1, 700, 15, 20, 9), (3, 33, 1, 7, 17)])
+def test_cpu_reads_and_writes_g_conv_layout_in_place(dtype, frozen_words, B, d, H, W, T):
+    """G's queries are its (B, d, H, W) conv output flattened and transposed, and the context goes
+    back to (B, d, H, W): the cpu backend reads such queries in place and returns the context and
+    the queries' gradient in the same channel-major layout, for every chunking (d = 700: 3 chunks
+    per item, B = 1: R split across items), in every working dtype."""
+    feats = torch.randn(B, d, H, W).to(dtype).requires_grad_()
+    q = feats.flatten(2).transpose(1, 2)
+    w, mask = torch.randn(B, T, d).to(dtype).requires_grad_(not frozen_words), _mask(B, T)
+    out = word_attention(q, w, mask, impl="cpu")
+    assert _channel_major(out) and out.dtype == dtype
+    back = out.transpose(1, 2).reshape(B, d, H, W)                       # what G does: a view
+    assert back.data_ptr() == out.data_ptr()
+    # the gradient comes back through a concat, as in G: channel-major with a batch stride > d R
+    cat = torch.cat([back, torch.zeros(B, 3, H, W, dtype=dtype)], dim=1)
+    upstream = torch.randn(cat.shape).to(dtype)
+    inputs = (feats,) if frozen_words else (feats, w)
+    grads = torch.autograd.grad(cat, inputs, upstream)
+    exact = _exact(q.detach(), w.detach(), mask, upstream[:, :d].flatten(2).transpose(1, 2))
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    got = [out, grads[0].flatten(2).transpose(1, 2)] + ([] if frozen_words else [grads[1]])
+    _assert_close(got, exact[:len(got)], tol)
+
+
+def test_cpu_channel_major_queries_give_channel_major_gradients():
+    q = torch.randn(2, 16, 30).transpose(1, 2).requires_grad_()           # (2, 30, 16) channel-major
+    w, mask = torch.randn(2, 5, 16), _mask(2, 5)
+    out = word_attention(q, w, mask, impl="cpu")
+    (gq,) = torch.autograd.grad(out, (q,), torch.randn(2, 16, 30).transpose(1, 2))
+    assert _channel_major(out) and _channel_major(gq)
+    # contiguous rows in, contiguous rows out; a size-1 dimension is not read as channel-major
+    for shape in [(2, 30, 16), (2, 1, 16), (2, 30, 1)]:
+        rows = torch.randn(shape)
+        assert word_attention(rows, torch.randn(2, 5, shape[2]), mask, impl="cpu").is_contiguous()
+
+
+@pytest.mark.parametrize("layout", ["rows", "channel-major", "channel-major-bf16"])
+def test_fake_outputs_have_the_real_strides(layout):
+    """torch.compile plans memory from the fake outputs: they must have the kernels' strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastxmc.ops.word_attention import (word_attention_backward_op,
+                                            word_attention_backward_queries_op, word_attention_op)
+    dtype = torch.bfloat16 if layout.endswith("bf16") else torch.float32
+
+    def make():
+        q = torch.randn(2, 9, 12, dtype=dtype)
+        g = torch.randn(2, 9, 12, dtype=dtype)
+        if layout != "rows":
+            q, g = torch.randn(2, 12, 9, dtype=dtype).mT, torch.randn(2, 12, 11, dtype=dtype)[:, :, :9].mT
+        return q, g, torch.randn(2, 4, 12, dtype=dtype), _mask(2, 4)
+
+    def outputs(q, g, w, mask):
+        context, lse = word_attention_op(q, w, mask, 15.0, "cpu")
+        gq, gw = word_attention_backward_op(g, q, w, mask, lse, 15.0, "cpu")
+        gq_only = word_attention_backward_queries_op(g, q, w, mask, lse, 15.0, "cpu")
+        return [context, lse, gq, gw, gq_only]
+
+    real = outputs(*make())
+    with FakeTensorMode() as mode:
+        fake = outputs(*(mode.from_tensor(t) for t in make()))
+    for r, f in zip(real, fake):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+    assert _channel_major(real[0]) == (layout != "rows")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_error_bounded_by_reference(backend, dtype):
@@ -225,14 +297,24 @@ def test_unavailable_backends_say_why():
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("frozen_words", [False, True], ids=["words-grad", "frozen-words"])
-def test_torch_compile_fullgraph(compiler, frozen_words):
+@pytest.mark.parametrize("layout", ["rows", "conv"])
+def test_torch_compile_fullgraph(compiler, frozen_words, layout):
     torch._dynamo.reset()
     proj = torch.nn.Linear(6, 8)
+    conv = torch.nn.Conv2d(6, 8, 1)
 
     def model(feats, words, mask):
-        return word_attention(proj(feats), words, mask, impl="cpu").square().sum()
+        if layout == "rows":
+            return word_attention(proj(feats), words, mask, impl="cpu").square().sum()
+        # as in G: conv queries, flattened and transposed in, the context back to (B, d, H, W)
+        q = conv(feats).flatten(2).transpose(1, 2)
+        context = word_attention(q, words, mask, impl="cpu").transpose(1, 2).reshape(2, 8, 3, 3)
+        return torch.cat([context, feats], dim=1).square().sum()
 
-    feats, mask = torch.randn(2, 9, 6), _mask(2, 4)
+    feats = torch.randn(2, 9, 6) if layout == "rows" else torch.randn(2, 6, 3, 3)
+    mask = _mask(2, 4)
+    if layout == "conv":
+        proj = conv
     words = torch.randn(2, 4, 8, requires_grad=not frozen_words)
     params = [*proj.parameters()] + ([] if frozen_words else [words])
     eager = model(feats, words, mask)

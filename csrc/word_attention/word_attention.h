@@ -21,6 +21,9 @@
 //   (|x|^2 < 1e-12), with q^_r . grad q^_r = sum_t dS_rt s_rt. Padding words get a zero gradient.
 // So the backward recomputes the two (R x T) products s and dP from q, g and w^; the (B, R, T)
 // attention is never kept. Every product and reduction accumulates in the working dtype.
+// Layout (CPU): queries and grad_context may be channel-major per batch element (strides
+// (*, 1, R): G's (B, D, H, W) conv output flattened and transposed); they are read in place, and
+// context / grad_queries then come back in that layout. Otherwise outputs are contiguous.
 #pragma once
 #include <torch/types.h>
 #include <tuple>

@@ -11,6 +11,11 @@
 //             grad_q_c = beta q_c + A W (a row-scaled copy of q, then one GEMM accumulating into
 //             it); the item's grad W^ partial += P^T g_c + A^T q_c (skipped, with the words'
 //             pass below, by word_attention_backward_queries: G's words are frozen embeddings).
+// Queries and grad_context are read, and context and grad_queries written, in place in either of
+// two layouts per batch element: rows (R x D, row-major) or channel-major (the transpose of a
+// D x R block with contiguous rows: G's 16x16 conv output, flattened and transposed). The GEMMs
+// take both as they are (BLAS transpose flags); the row helpers below walk either. So G's queries
+// are not copied to rows, and its context comes back in the conv layout G reshapes it to.
 // W (T x D) is the batch element's normalised words, padding rows zeroed, made once per b by a
 // prologue; a last pass per b sums the items' partials and applies the words' normalisation
 // backward. So q and g are read from memory once per pass, and beyond the inputs and outputs only
@@ -56,8 +61,9 @@ scalar_t sum_squares(const scalar_t* x, int64_t n) {
   return s;
 }
 
-// The guarded inverse norm rsqrt(max(|x|^2, eps)) of a row, and whether the guard is inactive
-// (the gradient then has the projection term; torch's clamp_min passes the gradient at equality).
+// The guarded inverse norm rsqrt(max(|x|^2, eps)) of a row with squared norm sq, and whether the
+// guard is inactive (the gradient then has the projection term; torch's clamp_min passes the
+// gradient at equality).
 template <typename scalar_t>
 struct InvNorm {
   scalar_t inv;
@@ -65,10 +71,52 @@ struct InvNorm {
 };
 
 template <typename scalar_t>
-InvNorm<scalar_t> inv_norm(const scalar_t* x, int64_t n) {
+InvNorm<scalar_t> inv_norm_of(scalar_t sq) {
   const scalar_t eps = static_cast<scalar_t>(kNormEps);
-  const scalar_t sq = sum_squares(x, n);
   return {scalar_t(1) / std::sqrt(std::max(sq, eps)), sq >= eps};
+}
+
+template <typename scalar_t>
+InvNorm<scalar_t> inv_norm(const scalar_t* x, int64_t n) {
+  return inv_norm_of(sum_squares(x, n));
+}
+
+// A (rows x D) block is walked along its rows when its columns are adjacent (stride(1) == 1),
+// else it is channel-major (stride(0) == 1) and walked column by column, each column contiguous.
+bool rows_contiguous(const at::Tensor& x) { return x.stride(1) == 1; }
+
+// sq[r] = |x_r|^2 for every row of a (rows x D) block in either layout.
+template <typename scalar_t>
+void row_sum_squares(const at::Tensor& x, scalar_t* sq) {
+  const int64_t rows = x.size(0), D = x.size(1);
+  const scalar_t* p = x.data_ptr<scalar_t>();
+  if (rows_contiguous(x)) {
+    for (int64_t r = 0; r < rows; ++r) sq[r] = sum_squares(p + r * x.stride(0), D);
+    return;
+  }
+  std::fill(sq, sq + rows, scalar_t(0));
+  for (int64_t k = 0; k < D; ++k) {
+    const scalar_t* col = p + k * x.stride(1);
+    for (int64_t r = 0; r < rows; ++r) sq[r] += col[r] * col[r];
+  }
+}
+
+// dst_r = scale[r] * src_r for every row of two (rows x D) blocks, each in either layout.
+template <typename scalar_t>
+void scale_rows(const at::Tensor& src, const scalar_t* scale, at::Tensor& dst) {
+  const int64_t rows = src.size(0), D = src.size(1);
+  const scalar_t* x = src.data_ptr<scalar_t>();
+  scalar_t* y = dst.data_ptr<scalar_t>();
+  const int64_t xr = src.stride(0), xk = src.stride(1), yr = dst.stride(0), yk = dst.stride(1);
+  if (rows_contiguous(dst)) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t k = 0; k < D; ++k) y[r * yr + k] = scale[r] * x[r * xr + k * xk];
+    }
+    return;
+  }
+  for (int64_t k = 0; k < D; ++k) {
+    for (int64_t r = 0; r < rows; ++r) y[k * yk + r] = scale[r] * x[r * xr + k * xk];
+  }
 }
 
 // In place: g[t] = q_r . w^_t on entry, P_rt on exit (0 on padding). Returns the row's lse of
@@ -203,9 +251,9 @@ void for_each_item(int64_t items, int64_t nthreads, const F& body) {
 template <typename scalar_t>
 void forward_chunk(const at::Tensor& q_c, const at::Tensor& W, const bool* valid, scalar_t rho,
                    at::Tensor G, scalar_t* iq, scalar_t* lse, at::Tensor ctx_c) {
-  const int64_t rows = q_c.size(0), T = W.size(0), D = W.size(1);
-  const scalar_t* q = q_c.data_ptr<scalar_t>();
-  for (int64_t r = 0; r < rows; ++r) iq[r] = inv_norm(q + r * D, D).inv;
+  const int64_t rows = q_c.size(0), T = W.size(0);
+  row_sum_squares(q_c, iq);
+  for (int64_t r = 0; r < rows; ++r) iq[r] = inv_norm_of(iq[r]).inv;
   at::mm_out(G, q_c, W.t());
   scalar_t* g = G.data_ptr<scalar_t>();
   for (int64_t r = 0; r < rows; ++r) lse[r] = softmax_row(g + r * T, valid, T, rho * iq[r]);
@@ -249,23 +297,20 @@ template <typename scalar_t>
 void backward_chunk(const BwdChunk& c, const at::Tensor& W, const bool* valid, scalar_t rho,
                     const scalar_t* lse, at::Tensor G, at::Tensor dP, scalar_t* beta,
                     scalar_t* p_row) {
-  const int64_t rows = c.q.size(0), T = W.size(0), D = W.size(1);
-  const scalar_t* q = c.q.data_ptr<scalar_t>();
+  const int64_t rows = c.q.size(0), T = W.size(0);
   at::mm_out(G, c.q, W.t());
   at::mm_out(dP, c.g, W.t());
   scalar_t* g = G.data_ptr<scalar_t>();
   scalar_t* dp = dP.data_ptr<scalar_t>();
+  row_sum_squares(c.q, beta);  // |q_r|^2, replaced by beta_r row by row
   for (int64_t r = 0; r < rows; ++r) {
-    const InvNorm<scalar_t> n = inv_norm(q + r * D, D);
+    const InvNorm<scalar_t> n = inv_norm_of(beta[r]);
     const scalar_t e = backward_row(g + r * T, dp + r * T, p_row, valid, T, rho * n.inv, lse[r]);
     beta[r] = n.unclamped ? -e * n.inv * n.inv : scalar_t(0);
   }
   // grad_q = beta q + A W: the row-scaled copy first, then one GEMM accumulating into it.
-  scalar_t* gq = c.grad_q.data_ptr<scalar_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t k = 0; k < D; ++k) gq[r * D + k] = beta[r] * q[r * D + k];
-  }
   at::Tensor grad_q = c.grad_q;
+  scale_rows(c.q, beta, grad_q);
   at::addmm_out(grad_q, grad_q, dP, W);
   if (!c.part.defined()) return;
   // grad W^ += P^T g + A^T q.
@@ -366,6 +411,25 @@ at::Tensor working(const at::Tensor& t, at::ScalarType wt) {
   return t.detach().to(wt).contiguous();
 }
 
+// Whether (B, R, D) t is channel-major per batch element: the transpose of a (B, D, R) tensor whose
+// (D, R) blocks are contiguous, as G's flattened and transposed conv output and the gradient that
+// comes back to it are. fastxmc.ops.word_attention mirrors this test for its fake outputs.
+bool channel_major(const at::Tensor& t) {
+  return t.size(1) > 1 && t.size(2) > 1 && t.stride(1) == 1 && t.stride(2) == t.size(1);
+}
+
+// Like working(), but a channel-major t stays channel-major (the kernels read it in place).
+at::Tensor working_rows(const at::Tensor& t, at::ScalarType wt) {
+  const at::Tensor w = t.detach().to(wt);  // keeps a dense tensor's strides
+  return channel_major(w) ? w : w.contiguous();
+}
+
+// An uninitialised (B, R, D) output in the layout of `like` (channel-major or contiguous).
+at::Tensor empty_rows_like(const at::Tensor& like, const at::TensorOptions& opts) {
+  if (!channel_major(like)) return at::empty(like.sizes(), opts);
+  return at::empty({like.size(0), like.size(2), like.size(1)}, opts).transpose(1, 2);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> word_attention_forward_cpu(
@@ -373,9 +437,9 @@ std::tuple<at::Tensor, at::Tensor> word_attention_forward_cpu(
   constexpr const char* fn = "word_attention_forward_cpu";
   check_inputs(fn, queries, words, word_mask, rho);
   const at::ScalarType wt = working_dtype(queries.scalar_type());
-  const at::Tensor Q = working(queries, wt), Wd = working(words, wt);
+  const at::Tensor Q = working_rows(queries, wt), Wd = working(words, wt);
   const at::Tensor mask = word_mask.contiguous();
-  at::Tensor context = at::empty(Q.sizes(), Q.options());
+  at::Tensor context = empty_rows_like(queries, Q.options());
   at::Tensor lse = at::empty({Q.size(0), Q.size(1)}, Q.options());
   AT_DISPATCH_FLOATING_TYPES(wt, fn, [&] {
     const Words w = normalise_words<scalar_t>(Wd, mask.data_ptr<bool>());
@@ -396,10 +460,10 @@ void backward_cpu(const char* fn, const at::Tensor& grad_context, const at::Tens
               "shape ", queries.sizes(), ", got ", grad_context.sizes());
   check_rows(fn, "lse", lse, queries);
   const at::ScalarType wt = working_dtype(queries.scalar_type());
-  const at::Tensor Q = working(queries, wt), Wd = working(words, wt);
-  const at::Tensor Gc = working(grad_context, wt), L = working(lse, wt);
+  const at::Tensor Q = working_rows(queries, wt), Wd = working(words, wt);
+  const at::Tensor Gc = working_rows(grad_context, wt), L = working(lse, wt);
   const at::Tensor mask = word_mask.contiguous();
-  grad_q = at::empty(Q.sizes(), Q.options());
+  grad_q = empty_rows_like(queries, Q.options());
   if (grad_w) *grad_w = at::empty(Wd.sizes(), Wd.options());
   AT_DISPATCH_FLOATING_TYPES(wt, "word_attention_backward_cpu", [&] {
     const Words w = normalise_words<scalar_t>(Wd, mask.data_ptr<bool>());

@@ -52,6 +52,12 @@ _KERNELS = {
 }
 
 
+# Backends that read (B, R, d) queries and grad_context in place when they are channel-major (the
+# transpose of G's flattened (B, d, H, W) conv output, :func:`_channel_major`) and then return
+# context and grad_queries in that layout, so G's reshape back to (B, d, H, W) is a view; the other
+# backends take contiguous rows.
+_CHANNEL_MAJOR = {"cpu"}
+
 # Backward kernels that skip the words' gradient (G's words are frozen embeddings, so the
 # reference's autograd never computes it); the other backends compute it and drop it.
 _QUERIES_ONLY_BACKWARD = {"cpu": _cpu_backward_queries}
@@ -86,20 +92,39 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 def word_attention_op(queries: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor,
                       rho: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     forward, _ = _KERNELS[backend]
-    context, lse = forward(queries.contiguous(), words.contiguous(), word_mask.contiguous(), rho)
+    context, lse = forward(_rows(queries, backend), words.contiguous(), word_mask.contiguous(), rho)
     return context, lse
+
+
+def _channel_major(x: torch.Tensor) -> bool:
+    """Whether (B, R, d) ``x`` is the transpose of a (B, d, R) tensor with contiguous (d, R) blocks
+    (the C++ kernels' ``channel_major``, which this must match: the fake outputs follow it)."""
+    return x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) == 1 and x.stride(2) == x.shape[1]
+
+
+def _rows(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """Queries or grad_context as ``backend`` reads them: as they are, or contiguous."""
+    return x if backend in _CHANNEL_MAJOR and _channel_major(x) else x.contiguous()
+
+
+def _empty_rows_like(queries: torch.Tensor, backend: str) -> torch.Tensor:
+    """A fake (B, R, d) output in the layout ``backend`` gives it for these queries."""
+    b, r, d = queries.shape
+    acc = _acc_dtype(queries)
+    if backend in _CHANNEL_MAJOR and _channel_major(queries):
+        return queries.new_empty((b, d, r), dtype=acc).transpose(1, 2)
+    return queries.new_empty((b, r, d), dtype=acc)
 
 
 @word_attention_op.register_fake
 def _(queries, words, word_mask, rho, backend):
-    acc = _acc_dtype(queries)
-    return (queries.new_empty(queries.shape, dtype=acc),
-            queries.new_empty(queries.shape[:2], dtype=acc))
+    return (_empty_rows_like(queries, backend),
+            queries.new_empty(queries.shape[:2], dtype=_acc_dtype(queries)))
 
 
-def _backward_args(grad_context, queries, words, word_mask, lse, rho) -> tuple:
-    """The backward kernels' arguments, tensors made contiguous."""
-    return (grad_context.contiguous(), queries.contiguous(), words.contiguous(),
+def _backward_args(grad_context, queries, words, word_mask, lse, rho, backend) -> tuple:
+    """The backward kernels' arguments, tensors made contiguous (or left channel-major)."""
+    return (_rows(grad_context, backend), _rows(queries, backend), words.contiguous(),
             word_mask.contiguous(), lse.contiguous(), rho)
 
 
@@ -108,13 +133,13 @@ def word_attention_backward_op(grad_context: torch.Tensor, queries: torch.Tensor
                                words: torch.Tensor, word_mask: torch.Tensor, lse: torch.Tensor,
                                rho: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _, backward = _KERNELS[backend]
-    return backward(*_backward_args(grad_context, queries, words, word_mask, lse, rho))
+    return backward(*_backward_args(grad_context, queries, words, word_mask, lse, rho, backend))
 
 
 @word_attention_backward_op.register_fake
 def _(grad_context, queries, words, word_mask, lse, rho, backend):
-    acc = _acc_dtype(queries)
-    return queries.new_empty(queries.shape, dtype=acc), words.new_empty(words.shape, dtype=acc)
+    return (_empty_rows_like(queries, backend),
+            words.new_empty(words.shape, dtype=_acc_dtype(queries)))
 
 
 # A separate op, not a flag on the one above: graphs that torch.compile cached with the full
@@ -124,7 +149,7 @@ def word_attention_backward_queries_op(grad_context: torch.Tensor, queries: torc
                                        words: torch.Tensor, word_mask: torch.Tensor,
                                        lse: torch.Tensor, rho: float, backend: str) -> torch.Tensor:
     """grad_queries alone, for words that need no gradient."""
-    args = _backward_args(grad_context, queries, words, word_mask, lse, rho)
+    args = _backward_args(grad_context, queries, words, word_mask, lse, rho, backend)
     if backend in _QUERIES_ONLY_BACKWARD:
         return _QUERIES_ONLY_BACKWARD[backend](*args)
     return _KERNELS[backend][1](*args)[0]
@@ -132,7 +157,7 @@ def word_attention_backward_queries_op(grad_context: torch.Tensor, queries: torc
 
 @word_attention_backward_queries_op.register_fake
 def _(grad_context, queries, words, word_mask, lse, rho, backend):
-    return queries.new_empty(queries.shape, dtype=_acc_dtype(queries))
+    return _empty_rows_like(queries, backend)
 
 
 def _setup_context(ctx, inputs, output):
