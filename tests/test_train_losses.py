@@ -292,3 +292,52 @@ def test_classifier_dual_is_the_pretrained_image_tower(tmp_path):
 def test_classifier_dual_needs_a_pretrained_encoder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no dual encoder at .*fastxmc.pretrain"):
         FrozenClassifier("dual", str(tmp_path))
+
+
+def test_dual_term_scores_fakes_against_their_captions_in_the_frozen_encoder(tmp_path):
+    """loss.dual_weight: C(E_img(fake), E_txt(caption)) with a pretrained dual encoder E, summed over
+    both directions like the other terms, label-guided with loss.supcon; only the images get a
+    gradient."""
+    from fastxmc.models.dual_encoder import DualEncoder, DualEncoderConfig
+    from fastxmc.train.losses import FrozenDualEncoder
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(5)
+        dual = DualEncoder(DualEncoderConfig(resolution=16, text_dim=E, width=4, embed_dim=8,
+                                             region_size=8)).eval()
+        dual.save(tmp_path / "run" / "dual_encoder.pt")
+        frozen = FrozenDualEncoder(str(tmp_path / "run")).train()
+        assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+        texts = [_text(), _text()]
+        fakes = [torch.rand(B, 3, 32, 32, requires_grad=True) for _ in texts]
+        labels = torch.tensor([0, 1, 0])
+        cfg = LossConfig(dual_weight=2.0, dual_encoder=str(tmp_path / "run"))
+        losses = XMCLossSet(cfg, dual=frozen)
+        v = Views(_dout(), [_dout(), _dout()], texts, labels)
+        g = losses.generator_terms(v, torch.rand(B, 3, 32, 32), fakes)
+        assert losses.weights["g_dual"] == 2.0
+        with torch.no_grad():
+            small = [torch.nn.functional.interpolate(f, size=(16, 16), mode="bilinear", align_corners=False)
+                     for f in fakes]
+            images = torch.cat([dual.encode_image(s).global_feature for s in small])
+            sentences = torch.cat([dual.encode_text(*t).sentence for t in texts])
+        expected = ref_contrastive(images.double(), sentences.double(), labels=labels.repeat(2).tolist())
+        assert g["g_dual"].item() == pytest.approx(expected, rel=1e-5)
+        grads = torch.autograd.grad(g["g_dual"], fakes)
+        assert all(gr.abs().sum() > 0 for gr in grads)
+        assert all(p.grad is None for p in frozen.parameters())
+        # off by default: no term, no encoder needed
+        assert "g_dual" not in XMCLossSet(LossConfig()).generator_terms(v, None, fakes)
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
+def test_dual_term_needs_a_pretrained_encoder(tmp_path):
+    from fastxmc.train.config import TrainConfig, validate
+    from fastxmc.train.losses import FrozenDualEncoder
+    with pytest.raises(FileNotFoundError, match="loss.dual_encoder: no dual encoder at .*fastxmc.pretrain"):
+        FrozenDualEncoder(str(tmp_path))
+    cfg = TrainConfig()
+    cfg.loss.dual_weight = 1.0
+    with pytest.raises(ValueError, match="loss.dual_weight > 0 needs loss.dual_encoder"):
+        validate(cfg)

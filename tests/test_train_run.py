@@ -214,6 +214,19 @@ def test_supcon_run_logs_its_terms(tmp_path):
     assert np.isfinite(record["d_supcon_text"]) and np.isfinite(record["g_supcon_image"])
 
 
+def test_dual_term_run_logs_it_with_supcon(tmp_path):
+    """--loss.dual_weight with a pretrained dual encoder (here an untrained one of the data's text
+    width, saved as fastxmc.pretrain does), across both caption branches of --loss.supcon."""
+    from fastxmc.models.dual_encoder import DualEncoder, DualEncoderConfig
+    torch.manual_seed(0)
+    DualEncoder(DualEncoderConfig(resolution=16, text_dim=384, width=4, embed_dim=8,
+                                  region_size=8)).save(tmp_path / "dual" / "dual_encoder.pt")
+    loop.train(tiny(tmp_path / "run", ("run.steps", "2"), ("loss.supcon", "true"),
+                    ("loss.dual_weight", "0.5"), ("loss.dual_encoder", str(tmp_path / "dual"))))
+    record = read_metrics(tmp_path / "run")[-1]
+    assert np.isfinite(record["g_dual"]) and record["g_dual"] > 0
+
+
 def test_reference_backends_give_the_same_losses(tmp_path, monkeypatch):
     """Convergence check: twenty training steps with the default (fused) backends and with
     FASTXMC_IMPL=reference follow the same loss curve.

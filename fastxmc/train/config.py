@@ -79,6 +79,10 @@ class LossConfig:
     supcon_text_weight: float = 0.2     # SupCon on D's sentence projections (D)
     supcon_temperature: float = 0.5
     r1_gamma: float = 0.0               # R1 penalty (gamma/2) E||grad_x D(x_real)||^2 on D; 0: off
+    # DAMSM-style term (AttnGAN's, not XMC-GAN's): G's fakes against their captions in a frozen dual
+    # encoder, C(E_img(fake), E_txt(caption)); 0: off. dual_encoder: a python -m fastxmc.pretrain run.
+    dual_weight: float = 0.0
+    dual_encoder: str | None = None
 
 
 @dataclass
@@ -313,7 +317,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                        ("loss.word_gamma3", loss.word_gamma3)):
         _require(isinstance(value, (int, float)) and value > 0, key, "a positive number", value)
     for name in ("sentence_weight", "word_weight", "image_weight", "classifier_weight",
-                 "supcon_image_weight", "supcon_text_weight", "r1_gamma"):
+                 "supcon_image_weight", "supcon_text_weight", "r1_gamma", "dual_weight"):
         value = getattr(loss, name)
         _require(isinstance(value, (int, float)) and value >= 0, f"loss.{name}", "a number >= 0", value)
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
@@ -321,6 +325,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(0 <= o.ema_decay <= 1, "optim.ema_decay", "in [0, 1]", o.ema_decay)
     _require(isinstance(o.ema_bn_batches, int) and not isinstance(o.ema_bn_batches, bool)
              and o.ema_bn_batches >= 0, "optim.ema_bn_batches", "an int >= 0", o.ema_bn_batches)
+    if loss.dual_weight and loss.dual_encoder is None:
+        raise ValueError("loss.dual_weight > 0 needs loss.dual_encoder: the run directory (or its "
+                         "dual_encoder.pt) of a `python -m fastxmc.pretrain` on the same data")
     if loss.supcon and not cfg.data.two_captions:
         raise ValueError("loss.supcon needs data.two_captions=true (the two caption branches)")
     return cfg

@@ -50,7 +50,8 @@ from fastxmc.train.distributed import (DistEnv, any_rank, barrier, gather_object
                                        parameter_fingerprint, shutdown, unwrap, wrap)
 from fastxmc.train.ema import ema_decay_at, make_ema, recompute_bn_statistics, update_ema
 from fastxmc.train.logging import RunLogger, truncate_metrics
-from fastxmc.train.losses import FrozenClassifier, Text, Views, XMCLossSet, chunk_output, pair_labels
+from fastxmc.train.losses import (FrozenClassifier, FrozenDualEncoder, Text, Views, XMCLossSet, chunk_output,
+                                  pair_labels)
 from fastxmc.train import samples as grids
 
 
@@ -180,8 +181,11 @@ def build_losses(cfg: TrainConfig, env: DistEnv, autocast) -> XMCLossSet:
     if cfg.loss.image_classifier_weights is not None and cfg.loss.classifier_weight != 0:
         classifier = FrozenClassifier(cfg.loss.image_classifier,
                                       cfg.loss.image_classifier_weights).to(env.device)
+    dual = None
+    if cfg.loss.dual_weight != 0:
+        dual = FrozenDualEncoder(cfg.loss.dual_encoder).to(env.device)
     group = env.group if cfg.loss.global_negatives else None
-    return XMCLossSet(cfg.loss, group=group, classifier=classifier, autocast=autocast)
+    return XMCLossSet(cfg.loss, group=group, classifier=classifier, dual=dual, autocast=autocast)
 
 
 def make_loader(cfg: TrainConfig, env: DistEnv, progress: bool):

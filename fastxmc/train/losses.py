@@ -12,6 +12,10 @@ Conventions (xmcgan.md sections 5 and 7):
   + w_c C(f(real), f(fake))``, with ``p`` D's global features, ``e`` D's sentence projection,
   ``W`` :func:`fastxmc.losses.region_word_loss` against the raw word embeddings and ``f`` a frozen
   ImageNet classifier (only when a weights file is given).
+* Ours, off by default: ``+ w_dual C(E_img(fake), E_txt(caption))`` (``loss.dual_weight``), AttnGAN's
+  DAMSM sentence term: a frozen dual encoder ``E`` from ``python -m fastxmc.pretrain`` on the same
+  data scores G's fakes against their captions. Pretrained over large batches, ``E`` tells apart what
+  D's small-batch contrastive heads never have to (on the shapes data: the shape).
 * Label-guided extension (``loss.supcon``): every sample carries two captions (branches a and b); G
   runs on both with the same z. Labels of -1 (none) become one unique id per sample, shared by its two
   branches, so such a sample's only positives are its own pairs. Then
@@ -148,6 +152,30 @@ class FrozenClassifier(nn.Module):
         return self.net((x - self.mean) / self.std).float()
 
 
+class FrozenDualEncoder(nn.Module):
+    """A dual encoder written by ``python -m fastxmc.pretrain`` (its ``dual_encoder.pt`` or the run
+    directory), frozen and always in eval mode: ``(images, Text) -> (global image feature,
+    sentence)`` in fp32, images resized to the resolution it was trained at. Gradients flow to the
+    images only (the DAMSM-style term, ``loss.dual_weight``)."""
+
+    def __init__(self, path: str, option: str = "loss.dual_encoder"):
+        super().__init__()
+        self.model = _load_dual(path, option)
+        self.size = self.model.config.resolution
+        self.model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor, text: Text) -> tuple:
+        x = images
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        image = self.model.encode_image(x).global_feature.float()
+        sentence = self.model.encode_text(text.sentence, text.words, text.word_mask).sentence.float()
+        return image, sentence
+
+
 def _load_classifier(arch: str, weights_path: str) -> nn.Module:
     import torchvision
 
@@ -170,6 +198,12 @@ def _load_classifier(arch: str, weights_path: str) -> nn.Module:
 
 def _load_dual_tower(weights_path: str) -> tuple:
     """(image tower, its resolution) of a dual encoder file or pretrain run directory."""
+    dual = _load_dual(weights_path, "loss.image_classifier_weights")
+    return dual.image_encoder, dual.config.resolution
+
+
+def _load_dual(weights_path: str, option: str):
+    """The DualEncoder of a dual encoder file or pretrain run directory; errors name ``option``."""
     from fastxmc.models.dual_encoder import DUAL_ENCODER_FILE, DualEncoder
 
     path = Path(weights_path).expanduser()
@@ -177,10 +211,9 @@ def _load_dual_tower(weights_path: str) -> tuple:
         path = path / DUAL_ENCODER_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"loss.image_classifier_weights: no dual encoder at {path}. Pass the {DUAL_ENCODER_FILE} "
+            f"{option}: no dual encoder at {path}. Pass the {DUAL_ENCODER_FILE} "
             "(or the run directory) written by `python -m fastxmc.pretrain` on the same data")
-    dual = DualEncoder.load(path)
-    return dual.image_encoder, dual.config.resolution
+    return DualEncoder.load(path)
 
 
 class XMCLossSet:
@@ -190,12 +223,14 @@ class XMCLossSet:
         cfg: the ``loss`` section of the train config (weights, temperatures, supcon options).
         group: a process group for global negatives in the InfoNCE/SupCon terms (None: local).
         classifier: a :class:`FrozenClassifier` for the classifier image term, or None.
+        dual: a :class:`FrozenDualEncoder` for the DAMSM-style term (``loss.dual_weight``), or None.
         autocast: context-manager factory the classifier runs under (bf16 autocast on GPUs).
     """
 
     def __init__(self, cfg, *, group=None, classifier: nn.Module | None = None,
-                 autocast=contextlib.nullcontext):
+                 dual: nn.Module | None = None, autocast=contextlib.nullcontext):
         self.cfg, self.group, self.classifier, self.autocast = cfg, group, classifier, autocast
+        self.dual = dual
         self.weights = {"d_hinge": 1.0, "d_sentence": cfg.sentence_weight,
                         "d_word": cfg.word_weight, "g_adv": 1.0, "g_sentence": cfg.sentence_weight,
                         "g_word": cfg.word_weight, "g_image": cfg.image_weight}
@@ -203,6 +238,8 @@ class XMCLossSet:
             self.weights["d_r1"] = cfg.r1_gamma / 2.0
         if classifier is not None:
             self.weights["g_classifier"] = cfg.classifier_weight
+        if dual is not None:
+            self.weights["g_dual"] = cfg.dual_weight
         if cfg.supcon:
             self.weights["d_supcon_text"] = cfg.supcon_text_weight
             self.weights["g_supcon_image"] = cfg.supcon_image_weight
@@ -233,7 +270,7 @@ class XMCLossSet:
     # ------------------------------------------------------------------ G
     def generator_terms(self, v: Views, real_images=None, fake_images=None) -> dict:
         """``real_images`` (B, 3, H, W) and ``fake_images`` (a list, one per branch) are needed
-        only by the classifier term."""
+        only by the classifier and dual terms."""
         branches = len(v.fakes)
         terms = {"g_adv": hinge_g(torch.cat([f.logits for f in v.fakes]))}
         if self.active("g_sentence"):
@@ -249,6 +286,11 @@ class XMCLossSet:
                 real_logits = self.classifier(real_images)
                 fake_logits = [self.classifier(img) for img in fake_images]
             terms["g_classifier"] = _mean([self._c(real_logits, f) for f in fake_logits])
+        if self.active("g_dual"):
+            with self.autocast():
+                pairs = [self.dual(img, t) for img, t in zip(fake_images, v.texts)]
+            terms["g_dual"] = self._c(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]),
+                                      None if v.labels is None else v.labels.repeat(branches))
         if self.active("g_supcon_image"):
             terms["g_supcon_image"] = self._supcon(torch.cat([f.features for f in v.fakes]),
                                                    v.labels, branches)
