@@ -76,6 +76,7 @@ def test_eval_writes_metrics_and_report(runs):
     report = (runs / "gan" / "eval" / "report.md").read_text()
     assert "fid_dual" in report and "r_precision" in report and "| shape |" in report
     assert "generated, named (n)" in report and "D probe on" in report
+    assert set(probe["dual"]) == {"real", "generated"} and "the R-precision instrument" in report
     assert "d_probe" not in ev.evaluate(options(runs, probe_samples=0))
 
 

@@ -96,3 +96,33 @@ def test_probe_of_a_run_reports_both_image_sets(tiny_run, monkeypatch):
         assert all(0 <= result[side][a]["accuracy"] <= 1 for a in probe.PROBE_ATTRIBUTES)
     with pytest.raises(ValueError, match="needs the run's discriminator"):
         probe.probe_discriminator(load_run(tiny_run / "gan"), val, _encoder(run.text_dim), n=6, seed=1)
+
+
+def test_dual_encoder_score_is_its_similarity(tiny_run):
+    from fastxmc.models.dual_encoder import DualEncoder, DualEncoderConfig
+    torch.manual_seed(3)
+    dual = DualEncoder(DualEncoderConfig(resolution=16, text_dim=12, width=4, embed_dim=8, region_size=8)).eval()
+    images, encode = torch.rand(5, 3, 32, 32), _encoder(12)
+    captions = [probe.describe_object(o) for o in OBJECTS] + ["a large red star in the center"]
+    scores = probe.DualEncoderScore(dual, images, encode, batch_size=2)(captions)
+    small = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        expected = dual.similarity(small, *encode(captions)).diagonal()
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_probe_with_a_dual_encoder_adds_its_table(tiny_run, monkeypatch):
+    from fastxmc.models.dual_encoder import DualEncoder, DualEncoderConfig
+    monkeypatch.setenv("FASTXMC_CACHE", str(tiny_run / "cache"))
+    run = load_run(tiny_run / "gan", discriminator=True)
+    (val,) = [p / "val" for p in (tiny_run / "cache" / "shapes").iterdir() if (p / "val").is_dir()]
+    dual = DualEncoder(DualEncoderConfig(resolution=16, text_dim=run.text_dim, width=4, embed_dim=8,
+                                         region_size=8)).eval()
+    plain = probe.probe_discriminator(run, val, _encoder(run.text_dim), n=6, seed=1, batch_size=4)
+    result = probe.probe_discriminator(run, val, _encoder(run.text_dim), n=6, seed=1, batch_size=4, dual=dual)
+    assert {k: v for k, v in result.items() if k != "dual"} == plain      # D's numbers unchanged
+    for side in ("real", "generated"):
+        assert all(0 <= result["dual"][side][a]["accuracy"] <= 1 for a in probe.PROBE_ATTRIBUTES)
+    from fastxmc.eval.run import probe_report_lines
+    lines = probe_report_lines(result)
+    assert sum(line.startswith("| shape |") for line in lines) == 2 and any("dual encoder" in x for x in lines)

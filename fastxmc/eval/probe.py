@@ -17,6 +17,10 @@ samples for the same descriptions:
 
 A high accuracy on real images means D can tell the attribute. A much lower one on G's samples
 then means that G does not draw it.
+
+With a dual encoder (``dual=``, the evaluator's), the same probe is also run on its image-text
+cosine: how far the instrument behind R-precision (and the DAMSM-style term, ``loss.dual_weight``)
+can tell each attribute, on the same real images and samples.
 """
 from __future__ import annotations
 
@@ -104,12 +108,39 @@ class DiscriminatorScore:
         return (self.features * projected).sum(dim=1).cpu()
 
 
+class DualEncoderScore:
+    """``score(captions)``: the cosine of a dual encoder's global features of a fixed image set
+    (resized to its resolution) and its sentence embeddings of the captions (encoded by
+    ``encode(captions) -> (sentence, words, mask)``), the score R-precision ranks by."""
+
+    def __init__(self, dual, images: torch.Tensor, encode: Callable, batch_size: int = 64):
+        self.dual, self.encode, self.batch_size = dual, encode, batch_size
+        self.device = next(dual.parameters()).device
+        size = dual.config.resolution
+        with torch.no_grad():
+            feats = []
+            for chunk in images.split(batch_size):
+                if chunk.shape[-1] != size or chunk.shape[-2] != size:
+                    chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False,
+                                          antialias=True)
+                feats.append(dual.encode_image(chunk.to(self.device)).global_feature.float())
+        self.features = F.normalize(torch.cat(feats), dim=1)
+
+    @torch.no_grad()
+    def __call__(self, captions: list) -> torch.Tensor:
+        sentence, words, mask = (t.to(self.device) for t in self.encode(captions))
+        text = torch.cat([self.dual.encode_text(*(t[i:i + self.batch_size] for t in (sentence, words, mask)))
+                          .sentence.float() for i in range(0, len(captions), self.batch_size)])
+        return (self.features * F.normalize(text, dim=1)).sum(dim=1).cpu()
+
+
 @torch.no_grad()
 def probe_discriminator(run, val_folder, encode: Callable, n: int, seed: int,
-                        batch_size: int = 64) -> dict:
+                        batch_size: int = 64, dual=None) -> dict:
     """The probe of ``run`` (a :class:`~fastxmc.train.checkpoint.LoadedRun` with its D) on the
     first ``n`` single-object images of ``val_folder`` and on G_ema's samples for their
-    descriptions (z drawn from ``seed``)."""
+    descriptions (z drawn from ``seed``). With ``dual`` (a DualEncoder), also the same probe of its
+    score under ``"dual"``: ``{"real": ..., "generated": ...}``."""
     if run.D is None:
         raise ValueError("the probe needs the run's discriminator: load_run(..., discriminator=True)")
     records = single_object_records(val_folder, n)
@@ -128,6 +159,10 @@ def probe_discriminator(run, val_folder, encode: Callable, n: int, seed: int,
         fakes.append(run.G_ema(z.to(device), sentence[rows].to(device), words[rows].to(device),
                                mask[rows].to(device)).float().clamp(0, 1).cpu())
     result = {"n": len(objects)}
-    for name, images in (("real", real), ("generated", torch.cat(fakes))):
+    image_sets = (("real", real), ("generated", torch.cat(fakes)))
+    for name, images in image_sets:
         result[name] = caption_probe(DiscriminatorScore(run.D, images, encode, batch_size), objects, seed)
+    if dual is not None:
+        result["dual"] = {name: caption_probe(DualEncoderScore(dual, images, encode, batch_size), objects, seed)
+                          for name, images in image_sets}
     return result

@@ -13,7 +13,8 @@ Written to ``DIR/eval/metrics.json`` and ``DIR/eval/report.md``:
 - ``attributes`` (shapes only): :class:`~fastxmc.eval.attributes.AttributeAccuracy` on the samples
   of single-object validation records, beside the classifier's real-val accuracy and chance;
 - ``d_probe`` (shapes only, ``probe_samples`` > 0): :mod:`fastxmc.eval.probe`, whether the run's D
-  prefers true descriptions over ones with one attribute changed, on real images and on samples.
+  prefers true descriptions over ones with one attribute changed, on real images and on samples;
+  with a dual encoder, the same probe of its score under ``d_probe["dual"]``.
 
 Real-image statistics are cached under ``<cache>/eval/`` keyed by the data config, the extractor
 file's sha256 and the evaluation settings. Everything is deterministic for a given seed.
@@ -327,18 +328,20 @@ def evaluate(opts: EvalOptions) -> dict:
     if attributes is not None and attributes.scored:
         metrics["attributes"] = attributes.meter.compute()
     if data_cfg.dataset == "shapes" and opts.probe_samples:
-        metrics["d_probe"] = discriminator_probe(opts, run, loader)
+        metrics["d_probe"] = discriminator_probe(opts, run, loader, extractors.dual)
     write_outputs(Path(opts.run_dir), metrics)
     return metrics
 
 
-def discriminator_probe(opts: EvalOptions, run, loader) -> dict:
-    """:func:`~fastxmc.eval.probe.probe_discriminator` of the evaluated checkpoint (D loaded now)."""
+def discriminator_probe(opts: EvalOptions, run, loader, dual=None) -> dict:
+    """:func:`~fastxmc.eval.probe.probe_discriminator` of the evaluated checkpoint (D loaded now),
+    and of the dual encoder when there is one."""
     from fastxmc.sample import caption_encoder
 
     with_d = load_run(opts.run_dir, device=opts.device, checkpoint=run.path, discriminator=True)
     return probe_discriminator(with_d, Path(loader.data.root) / "val", caption_encoder(run.config),
-                               n=opts.probe_samples, seed=opts.seed, batch_size=opts.batch_size)
+                               n=opts.probe_samples, seed=opts.seed, batch_size=opts.batch_size,
+                               dual=dual)
 
 
 # ---------------------------------------------------------------- outputs
@@ -385,11 +388,22 @@ def probe_report_lines(probe: dict) -> list:
              "description above the same description with one attribute changed (0.5: blind to "
              "it); the mean cosine gap in brackets.", "",
              "| attribute | real images | generated |", "|---|---|---|"]
+    lines += _probe_rows(probe)
+    if "dual" in probe:
+        lines += ["", "The same probe of the dual encoder's image-text cosine (the R-precision "
+                  "instrument): an attribute it cannot tell on real images is one R-precision cannot "
+                  "reward.", "", "| attribute | real images | generated |", "|---|---|---|"]
+        lines += _probe_rows(probe["dual"])
+    return lines
+
+
+def _probe_rows(probe: dict) -> list:
+    rows = []
     for attribute in PROBE_ATTRIBUTES:
         cells = [f"{probe[side][attribute]['accuracy']:.3f} ({probe[side][attribute]['gap']:+.3f})"
                  for side in ("real", "generated")]
-        lines.append(f"| {attribute} | {cells[0]} | {cells[1]} |")
-    return lines
+        rows.append(f"| {attribute} | {cells[0]} | {cells[1]} |")
+    return rows
 
 
 def write_outputs(run_dir: Path, metrics: dict) -> Path:
