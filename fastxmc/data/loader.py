@@ -501,9 +501,9 @@ def _group_keys(data: SplitData, labels: np.ndarray, group_by: str) -> np.ndarra
     alternatives = group_alternatives(group_by)
     if alternatives == [("label",)]:
         return labels
-    from fastxmc.data.shapes import primary_object_keys
-    folder, images = data.root / data.split, [r.image for r in data.records]
-    rows = [labels if alt == ("label",) else primary_object_keys(folder, images, alt) for alt in alternatives]
+    from fastxmc.data.shapes import primary_object_keys, primary_objects
+    objects = primary_objects(data.root / data.split, [r.image for r in data.records])
+    rows = [labels if alt == ("label",) else primary_object_keys(objects, alt) for alt in alternatives]
     return np.stack(rows) if len(rows) > 1 else rows[0]
 
 

@@ -62,7 +62,7 @@ __all__ = [
     "LABEL_NAMES", "NUM_CLASSES", "SPLIT_IDS", "GENERATOR_VERSION", "ShapesConfig", "Sample",
     "label_of", "label_attribute", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
     "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete", "named_attributes",
-    "primary_object_keys", "ATTRIBUTE_VALUES",
+    "primary_objects", "primary_object_keys", "ATTRIBUTE_VALUES",
     "describe_object",
 ]
 
@@ -124,23 +124,28 @@ def label_attribute(labels, attribute: str) -> np.ndarray:
 ATTRIBUTE_VALUES = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS}
 
 
-def primary_object_keys(folder, images, attributes) -> np.ndarray:
-    """(N,) int64: one key per image (``images``: paths relative to the split ``folder``, as in its
-    ``captions.jsonl``), equal for two images exactly when their primary objects (the first object,
-    which the label describes) agree in every one of ``attributes``. The key of one attribute is its
-    index in :data:`ATTRIBUTE_VALUES` (so ``("color",)`` gives :func:`label_attribute`'s colours)."""
-    unknown = [a for a in attributes if a not in ATTRIBUTE_VALUES]
-    if unknown or not attributes:
-        raise ValueError(f"attributes must be a non-empty set of {list(ATTRIBUTE_VALUES)}, got {attributes!r}")
+def primary_objects(folder, images) -> list:
+    """The primary object's record (the first object, which the label describes) of each image
+    (``images``: paths relative to the split ``folder``, as in its ``captions.jsonl``)."""
     by_image = {r["image"]: r["objects"][0] for r in read_attributes(folder)}
     missing = [im for im in images if im not in by_image]
     if missing:
         raise ValueError(f"{Path(folder) / 'attributes.jsonl'} has no record of {len(missing)} image(s), "
                          f"e.g. {missing[0]!r}: regenerate the dataset")
-    keys = np.zeros(len(images), np.int64)
+    return [by_image[im] for im in images]
+
+
+def primary_object_keys(objects: list, attributes) -> np.ndarray:
+    """(N,) int64: one key per object record (:func:`primary_objects`), equal for two objects
+    exactly when they agree in every one of ``attributes``. The key of one attribute is its index in
+    :data:`ATTRIBUTE_VALUES` (so ``("color",)`` gives :func:`label_attribute`'s colours)."""
+    unknown = [a for a in attributes if a not in ATTRIBUTE_VALUES]
+    if unknown or not attributes:
+        raise ValueError(f"attributes must be a non-empty set of {list(ATTRIBUTE_VALUES)}, got {attributes!r}")
+    keys = np.zeros(len(objects), np.int64)
     for name in attributes:               # mixed radix over the attributes' vocabularies
         values = ATTRIBUTE_VALUES[name]
-        keys = keys * len(values) + np.array([values.index(by_image[im][name]) for im in images], np.int64)
+        keys = keys * len(values) + np.array([values.index(o[name]) for o in objects], np.int64)
     return keys
 
 

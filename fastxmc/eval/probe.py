@@ -116,14 +116,9 @@ class DualEncoderScore:
     def __init__(self, dual, images: torch.Tensor, encode: Callable, batch_size: int = 64):
         self.dual, self.encode, self.batch_size = dual, encode, batch_size
         self.device = next(dual.parameters()).device
-        size = dual.config.resolution
         with torch.no_grad():
-            feats = []
-            for chunk in images.split(batch_size):
-                if chunk.shape[-1] != size or chunk.shape[-2] != size:
-                    chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False,
-                                          antialias=True)
-                feats.append(dual.encode_image(chunk.to(self.device)).global_feature.float())
+            feats = [dual.encode_image(dual.at_resolution(chunk).to(self.device)).global_feature.float()
+                     for chunk in images.split(batch_size)]
         self.features = F.normalize(torch.cat(feats), dim=1)
 
     @torch.no_grad()

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastxmc.atomic import atomic_torch_save, atomic_write_text
@@ -150,13 +149,6 @@ def load_extractors(opts: EvalOptions, data_cfg, text_dim: int) -> Extractors:
     return Extractors(dual, inception, dual_path, inception_path)
 
 
-def to_resolution(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    if images.shape[-1] == resolution and images.shape[-2] == resolution:
-        return images
-    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                         antialias=True)
-
-
 # ---------------------------------------------------------------- feature accumulation
 class ImageFeatures:
     """Streaming statistics of one image set for every extractor (+ Inception probabilities)."""
@@ -170,7 +162,7 @@ class ImageFeatures:
     def update(self, images: torch.Tensor) -> None:
         ex = self.extractors
         if ex.dual is not None:
-            pooled = ex.dual.encode_image(to_resolution(images, ex.dual.config.resolution)).pooled
+            pooled = ex.dual.encode_image(ex.dual.at_resolution(images)).pooled
             self.stats["dual"].update(pooled.float().cpu())
         if ex.inception is not None:
             out = ex.inception(images)
@@ -263,7 +255,7 @@ def generated_features(run, loader, extractors: Extractors, opts: EvalOptions, a
         features.update(fakes)
         if extractors.dual is not None:
             dual = extractors.dual
-            image_emb.append(dual.encode_image(to_resolution(fakes, dual.config.resolution))
+            image_emb.append(dual.encode_image(dual.at_resolution(fakes))
                              .global_feature.float().cpu())
             text_emb.append(dual.encode_text(batch["sentence"], batch["words"], batch["word_mask"])
                             .sentence.float().cpu())

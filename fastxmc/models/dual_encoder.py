@@ -202,6 +202,15 @@ class DualEncoder(nn.Module):
         self.image_encoder = ImageEncoder(self.config)
         self.text_encoder = TextEncoder(self.config)
 
+    def at_resolution(self, images: torch.Tensor, antialias: bool = True) -> torch.Tensor:
+        """``images`` resized (bilinear) to the resolution the encoder was trained at; as they are
+        when they already have it."""
+        size = self.config.resolution
+        if images.shape[-2:] == (size, size):
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                             antialias=antialias)
+
     def encode_image(self, images: torch.Tensor) -> ImageEncoding:
         return self.image_encoder(images)
 

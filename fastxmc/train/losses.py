@@ -161,17 +161,13 @@ class FrozenDualEncoder(nn.Module):
     def __init__(self, path: str, option: str = "loss.dual_encoder"):
         super().__init__()
         self.model = _load_dual(path, option)
-        self.size = self.model.config.resolution
         self.model.eval().requires_grad_(False)
 
     def train(self, mode: bool = True):
         return super().train(False)
 
     def forward(self, images: torch.Tensor, text: Text) -> tuple:
-        x = images
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        image = self.model.encode_image(x).global_feature.float()
+        image = self.model.encode_image(self.model.at_resolution(images, antialias=False)).global_feature.float()
         sentence = self.model.encode_text(text.sentence, text.words, text.word_mask).sentence.float()
         return image, sentence
 
