@@ -227,6 +227,21 @@ def test_dual_term_run_logs_it_with_supcon(tmp_path):
     assert np.isfinite(record["g_dual"]) and record["g_dual"] > 0
 
 
+def test_counterfactual_term_run_logs_it_with_supcon(tmp_path):
+    """--loss.counterfactual_weight on the tiny preset's shapes data (the grid's descriptions
+    encoded by the data's text encoder), across both caption branches, beside the dual term."""
+    from fastxmc.models.dual_encoder import DualEncoder, DualEncoderConfig
+    torch.manual_seed(0)
+    DualEncoder(DualEncoderConfig(resolution=16, text_dim=384, width=4, embed_dim=8,
+                                  region_size=8)).save(tmp_path / "dual" / "dual_encoder.pt")
+    loop.train(tiny(tmp_path / "run", ("run.steps", "2"), ("loss.supcon", "true"),
+                    ("loss.counterfactual_weight", "1"), ("loss.dual_encoder", str(tmp_path / "dual")),
+                    ("loss.counterfactual_attributes", "shape+position")))
+    record = read_metrics(tmp_path / "run")[-1]
+    assert "g_dual" not in record
+    assert np.isfinite(record["g_counterfactual"]) and record["g_counterfactual"] > 0
+
+
 def test_reference_backends_give_the_same_losses(tmp_path, monkeypatch):
     """Convergence check: twenty training steps with the default (fused) backends and with
     FASTXMC_IMPL=reference follow the same loss curve.

@@ -83,6 +83,11 @@ class LossConfig:
     # encoder, C(E_img(fake), E_txt(caption)); 0: off. dual_encoder: a python -m fastxmc.pretrain run.
     dual_weight: float = 0.0
     dual_encoder: str | None = None
+    # Counterfactual captions (ours; shapes dataset): each fake against its object's description and
+    # the same description with one named attribute changed, in the dual encoder; 0: off
+    # (fastxmc/train/counterfactual.py). attributes: '+'-joined of shape, color, size, position.
+    counterfactual_weight: float = 0.0
+    counterfactual_attributes: str = "shape"
 
 
 @dataclass
@@ -317,7 +322,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                        ("loss.word_gamma3", loss.word_gamma3)):
         _require(isinstance(value, (int, float)) and value > 0, key, "a positive number", value)
     for name in ("sentence_weight", "word_weight", "image_weight", "classifier_weight",
-                 "supcon_image_weight", "supcon_text_weight", "r1_gamma", "dual_weight"):
+                 "supcon_image_weight", "supcon_text_weight", "r1_gamma", "dual_weight",
+                 "counterfactual_weight"):
         value = getattr(loss, name)
         _require(isinstance(value, (int, float)) and value >= 0, f"loss.{name}", "a number >= 0", value)
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
@@ -328,6 +334,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if loss.dual_weight and loss.dual_encoder is None:
         raise ValueError("loss.dual_weight > 0 needs loss.dual_encoder: the run directory (or its "
                          "dual_encoder.pt) of a `python -m fastxmc.pretrain` on the same data")
+    if loss.counterfactual_weight:
+        if loss.dual_encoder is None:
+            raise ValueError("loss.counterfactual_weight > 0 needs loss.dual_encoder: the run directory "
+                             "(or its dual_encoder.pt) of a `python -m fastxmc.pretrain` on the same data")
+        if cfg.data.dataset != "shapes":
+            raise ValueError("loss.counterfactual_weight needs the shapes dataset (its attributes.jsonl "
+                             f"describes every object), got data.dataset={cfg.data.dataset!r}")
+        from fastxmc.train.counterfactual import parse_attributes
+        parse_attributes(loss.counterfactual_attributes)
     if loss.supcon and not cfg.data.two_captions:
         raise ValueError("loss.supcon needs data.two_captions=true (the two caption branches)")
     return cfg

@@ -46,6 +46,7 @@ from fastxmc.models import Discriminator, Generator
 from fastxmc.train import checkpoint as ckpt
 from fastxmc.train.config import (TrainConfig, config_to_dict, discriminator_kwargs,
                                   generator_kwargs, write_config)
+from fastxmc.train.counterfactual import build_counterfactual_term
 from fastxmc.train.distributed import (DistEnv, any_rank, barrier, gather_objects, init_distributed,
                                        parameter_fingerprint, shutdown, unwrap, wrap)
 from fastxmc.train.ema import ema_decay_at, make_ema, recompute_bn_statistics, update_ema
@@ -176,16 +177,20 @@ def wrap_networks(nets: Nets, cfg: TrainConfig, env: DistEnv) -> None:
     nets.D = wrap(nets.D, env, find_unused_parameters=cfg.loss.word_weight == 0)
 
 
-def build_losses(cfg: TrainConfig, env: DistEnv, autocast) -> XMCLossSet:
+def build_losses(cfg: TrainConfig, env: DistEnv, autocast, loader=None) -> XMCLossSet:
+    """The loss set; ``loader`` (the training split's) is needed by the counterfactual term only."""
     classifier = None
     if cfg.loss.image_classifier_weights is not None and cfg.loss.classifier_weight != 0:
         classifier = FrozenClassifier(cfg.loss.image_classifier,
                                       cfg.loss.image_classifier_weights).to(env.device)
-    dual = None
-    if cfg.loss.dual_weight != 0:
+    dual = counterfactual = None
+    if cfg.loss.dual_weight != 0 or cfg.loss.counterfactual_weight != 0:
         dual = FrozenDualEncoder(cfg.loss.dual_encoder).to(env.device)
+    if cfg.loss.counterfactual_weight != 0:
+        counterfactual = build_counterfactual_term(cfg.loss, loader, dual).to(env.device)
     group = env.group if cfg.loss.global_negatives else None
-    return XMCLossSet(cfg.loss, group=group, classifier=classifier, dual=dual, autocast=autocast)
+    return XMCLossSet(cfg.loss, group=group, classifier=classifier, dual=dual,
+                      counterfactual=counterfactual, autocast=autocast)
 
 
 def make_loader(cfg: TrainConfig, env: DistEnv, progress: bool):
@@ -385,7 +390,9 @@ def joint_forward(run: Run, batch: dict) -> JointForward:
         views = discriminate(run.nets.D, batch["image"], fakes, texts, labels,
                              run.losses.active("d_r1"))
     d_terms = run.losses.discriminator_terms(views)
-    g_terms = run.losses.generator_terms(views, batch["image"], list(fakes.chunk(len(texts))))
+    captions = [batch["caption"]] + ([batch["caption_b"]] if len(texts) > 1 else [])
+    g_terms = run.losses.generator_terms(views, batch["image"], list(fakes.chunk(len(texts))),
+                                         samples=(batch["index"], captions))
     return JointForward(d_terms, g_terms, run.losses.total(d_terms), run.losses.total(g_terms))
 
 
@@ -511,7 +518,7 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
     sentences = loader.sentence_embeddings() if cfg.model.whiten_sentences else None
     nets = build_networks(cfg, loader.text_dim, env.device, sentences)
     z_gen = torch.Generator(device=env.device).manual_seed(noise_seed(r.seed, env.rank))
-    run = Run(cfg, env, run_dir, loader, nets, build_losses(cfg, env, autocast), z_gen, autocast,
+    run = Run(cfg, env, run_dir, loader, nets, build_losses(cfg, env, autocast, loader), z_gen, autocast,
               loader.text_dim)
     samples = build_sample_set(cfg, progress)
     statistics_set = build_statistics_set(cfg, progress)

@@ -16,6 +16,9 @@ Conventions (xmcgan.md sections 5 and 7):
   DAMSM sentence term: a frozen dual encoder ``E`` from ``python -m fastxmc.pretrain`` on the same
   data scores G's fakes against their captions. Pretrained over large batches, ``E`` tells apart what
   D's small-batch contrastive heads never have to (on the shapes data: the shape).
+* Ours, off by default: ``+ w_cf CF(E_img(fake), obj)`` (``loss.counterfactual_weight``, shapes
+  dataset): each fake against its object's one-wording description and the same description with one
+  named attribute changed, in the same frozen encoder (:mod:`fastxmc.train.counterfactual`).
 * Label-guided extension (``loss.supcon``): every sample carries two captions (branches a and b); G
   runs on both with the same z. Labels of -1 (none) become one unique id per sample, shared by its two
   branches, so such a sample's only positives are its own pairs. Then
@@ -167,9 +170,15 @@ class FrozenDualEncoder(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor, text: Text) -> tuple:
-        image = self.model.encode_image(self.model.at_resolution(images, antialias=False)).global_feature.float()
-        sentence = self.model.encode_text(text.sentence, text.words, text.word_mask).sentence.float()
-        return image, sentence
+        return self.encode_image(images), self.encode_sentence(*text)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, E) fp32 global image features of images (B, 3, H, W) in [0, 1] at any resolution."""
+        return self.model.encode_image(self.model.at_resolution(images, antialias=False)).global_feature.float()
+
+    def encode_sentence(self, sentence, words, word_mask) -> torch.Tensor:
+        """(B, E) fp32 sentence features of cached frozen token embeddings (the data's)."""
+        return self.model.encode_text(sentence, words, word_mask).sentence.float()
 
 
 def _load_classifier(arch: str, weights_path: str) -> nn.Module:
@@ -219,14 +228,19 @@ class XMCLossSet:
         cfg: the ``loss`` section of the train config (weights, temperatures, supcon options).
         group: a process group for global negatives in the InfoNCE/SupCon terms (None: local).
         classifier: a :class:`FrozenClassifier` for the classifier image term, or None.
-        dual: a :class:`FrozenDualEncoder` for the DAMSM-style term (``loss.dual_weight``), or None.
+        dual: a :class:`FrozenDualEncoder` for the DAMSM-style term (``loss.dual_weight``) and the
+            counterfactual term, or None.
+        counterfactual: a :class:`~fastxmc.train.counterfactual.CounterfactualTerm` in ``dual``'s
+            space (``loss.counterfactual_weight``), or None.
         autocast: context-manager factory the classifier runs under (bf16 autocast on GPUs).
     """
 
     def __init__(self, cfg, *, group=None, classifier: nn.Module | None = None,
-                 dual: nn.Module | None = None, autocast=contextlib.nullcontext):
+                 dual: nn.Module | None = None, counterfactual=None, autocast=contextlib.nullcontext):
         self.cfg, self.group, self.classifier, self.autocast = cfg, group, classifier, autocast
-        self.dual = dual
+        self.dual, self.counterfactual = dual, counterfactual
+        if counterfactual is not None and dual is None:
+            raise ValueError("the counterfactual term needs the dual encoder it was built with (dual=)")
         self.weights = {"d_hinge": 1.0, "d_sentence": cfg.sentence_weight,
                         "d_word": cfg.word_weight, "g_adv": 1.0, "g_sentence": cfg.sentence_weight,
                         "g_word": cfg.word_weight, "g_image": cfg.image_weight}
@@ -236,6 +250,8 @@ class XMCLossSet:
             self.weights["g_classifier"] = cfg.classifier_weight
         if dual is not None:
             self.weights["g_dual"] = cfg.dual_weight
+        if counterfactual is not None:
+            self.weights["g_counterfactual"] = cfg.counterfactual_weight
         if cfg.supcon:
             self.weights["d_supcon_text"] = cfg.supcon_text_weight
             self.weights["g_supcon_image"] = cfg.supcon_image_weight
@@ -264,9 +280,10 @@ class XMCLossSet:
         return terms
 
     # ------------------------------------------------------------------ G
-    def generator_terms(self, v: Views, real_images=None, fake_images=None) -> dict:
+    def generator_terms(self, v: Views, real_images=None, fake_images=None, samples=None) -> dict:
         """``real_images`` (B, 3, H, W) and ``fake_images`` (a list, one per branch) are needed
-        only by the classifier and dual terms."""
+        only by the classifier, dual and counterfactual terms; ``samples``, the batch's ``(index,
+        [caption index of each branch])``, only by the counterfactual term."""
         branches = len(v.fakes)
         terms = {"g_adv": hinge_g(torch.cat([f.logits for f in v.fakes]))}
         if self.active("g_sentence"):
@@ -282,11 +299,21 @@ class XMCLossSet:
                 real_logits = self.classifier(real_images)
                 fake_logits = [self.classifier(img) for img in fake_images]
             terms["g_classifier"] = _mean([self._c(real_logits, f) for f in fake_logits])
+        if self.active("g_dual") or self.active("g_counterfactual"):
+            with self.autocast():
+                dual_images = [self.dual.encode_image(img) for img in fake_images]
         if self.active("g_dual"):
             with self.autocast():
-                pairs = [self.dual(img, t) for img, t in zip(fake_images, v.texts)]
-            terms["g_dual"] = self._c(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]),
+                sentences = [self.dual.encode_sentence(*t) for t in v.texts]
+            terms["g_dual"] = self._c(torch.cat(dual_images), torch.cat(sentences),
                                       None if v.labels is None else v.labels.repeat(branches))
+        if self.active("g_counterfactual"):
+            if samples is None:
+                raise ValueError("the counterfactual term needs the batch's samples: (index, [caption "
+                                 "index per branch])")
+            index, captions = samples
+            terms["g_counterfactual"] = _mean([self.counterfactual(f, index, c)
+                                               for f, c in zip(dual_images, captions)])
         if self.active("g_supcon_image"):
             terms["g_supcon_image"] = self._supcon(torch.cat([f.features for f in v.fakes]),
                                                    v.labels, branches)
