@@ -159,3 +159,45 @@ def test_config_errors_name_the_option():
     cfg.data.dataset, cfg.data.path = "shapes", None
     with pytest.raises(ValueError, match="loss.counterfactual_weight"):
         validate(cfg)
+
+
+def test_jittered_views_are_whole_pixel_shifts_with_repeated_edges():
+    from fastxmc.train.losses import jittered
+    torch.manual_seed(3)
+    images = torch.rand(6, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(jittered(images, 0, 0.0), images)
+    moved = jittered(images, 2, 0.0)
+    padded = F.pad(images.detach(), (2, 2, 2, 2), mode="replicate")
+    for i in range(6):   # each view is the image read at some offset within +-2 px, edges repeated
+        offsets = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.allclose(moved[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
+        assert len(offsets) >= 1
+    noisy = jittered(images, 0, 0.1) - images
+    assert 0.05 < noisy.std().item() < 0.15
+    (grad,) = torch.autograd.grad(moved.sum(), images)
+    assert grad.sum().item() == pytest.approx(images.numel())   # every output pixel reads one input
+
+
+def test_dual_views_average_the_terms_over_jittered_copies(tmp_path):
+    from fastxmc.models.dual_encoder import DualEncoder, DualEncoderConfig
+    from fastxmc.train.losses import contrastive_loss, jittered
+    torch.manual_seed(4)
+    DualEncoder(DualEncoderConfig(resolution=16, text_dim=6, width=4, embed_dim=8, region_size=8)).save(
+        tmp_path / "dual_encoder.pt")
+    frozen = FrozenDualEncoder(str(tmp_path))
+    cfg = LossConfig(dual_encoder=str(tmp_path), dual_weight=1.0, dual_views=2, dual_shift=1, dual_noise=0.05)
+    losses = XMCLossSet(cfg, dual=frozen)
+    texts = [Text(torch.randn(3, 6), torch.randn(3, 4, 6), torch.ones(3, 4, dtype=torch.bool))]
+    fakes = [torch.rand(3, 3, 16, 16)]
+    views = Views(_dout(3), [_dout(3)], texts, None)
+    torch.manual_seed(5)
+    got = losses.generator_terms(views, None, fakes)["g_dual"]
+    torch.manual_seed(5)
+    copies = [jittered(fakes[0], 1, 0.05) for _ in range(2)]
+    sentence = frozen.encode_sentence(*texts[0])
+    expected = sum(contrastive_loss(frozen.encode_image(c), sentence) for c in copies) / 2
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="loss.dual_views"):
+        bad = TrainConfig()
+        bad.loss.dual_views = -1
+        validate(bad)

@@ -88,6 +88,12 @@ class LossConfig:
     # (fastxmc/train/counterfactual.py). attributes: '+'-joined of shape, color, size, position.
     counterfactual_weight: float = 0.0
     counterfactual_attributes: str = "shape"
+    # The dual and counterfactual terms score dual_views jittered copies of each fake (a random
+    # whole-pixel shift of up to dual_shift px, Gaussian noise of std dual_noise) and average:
+    # G cannot lower them with a fixed pixel pattern the frozen encoder over-reads. 0: the fake itself.
+    dual_views: int = 0
+    dual_shift: int = 2
+    dual_noise: float = 0.03
 
 
 @dataclass
@@ -334,6 +340,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if loss.dual_weight and loss.dual_encoder is None:
         raise ValueError("loss.dual_weight > 0 needs loss.dual_encoder: the run directory (or its "
                          "dual_encoder.pt) of a `python -m fastxmc.pretrain` on the same data")
+    for key, value in (("loss.dual_views", loss.dual_views), ("loss.dual_shift", loss.dual_shift)):
+        _require(_is_int(value) and value >= 0, key, "an int >= 0", value)
+    _require(isinstance(loss.dual_noise, (int, float)) and loss.dual_noise >= 0, "loss.dual_noise",
+             "a number >= 0", loss.dual_noise)
     if loss.counterfactual_weight:
         if loss.dual_encoder is None:
             raise ValueError("loss.counterfactual_weight > 0 needs loss.dual_encoder: the run directory "

@@ -181,6 +181,21 @@ class FrozenDualEncoder(nn.Module):
         return self.model.encode_text(sentence, words, word_mask).sentence.float()
 
 
+def jittered(images: torch.Tensor, max_shift: int, noise: float) -> torch.Tensor:
+    """``images`` (B, 3, H, W) each shifted by its own random whole-pixel offset in
+    [-max_shift, max_shift]^2 (edges repeated) plus Gaussian noise of std ``noise``: a view for a
+    frozen encoder that G cannot satisfy with a fixed pixel pattern (``loss.dual_views``). Draws
+    from the global RNG, which checkpoints carry. Differentiable in ``images``."""
+    b, _, h, w = images.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (b, 2), device=images.device).to(images.dtype)
+    theta = torch.zeros(b, 2, 3, dtype=images.dtype, device=images.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2], theta[:, 1, 2] = 2.0 * shift[:, 0] / w, 2.0 * shift[:, 1] / h
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    moved = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return moved + noise * torch.randn_like(moved)
+
+
 def _load_classifier(arch: str, weights_path: str) -> nn.Module:
     import torchvision
 
@@ -300,26 +315,36 @@ class XMCLossSet:
                 fake_logits = [self.classifier(img) for img in fake_images]
             terms["g_classifier"] = _mean([self._c(real_logits, f) for f in fake_logits])
         if self.active("g_dual") or self.active("g_counterfactual"):
-            with self.autocast():
-                dual_images = [self.dual.encode_image(img) for img in fake_images]
+            with self.autocast():   # [view][branch] (B, E)
+                dual_images = [[self.dual.encode_image(img) for img in views]
+                               for views in self._dual_views(fake_images)]
         if self.active("g_dual"):
             with self.autocast():
-                sentences = [self.dual.encode_sentence(*t) for t in v.texts]
-            terms["g_dual"] = self._c(torch.cat(dual_images), torch.cat(sentences),
-                                      None if v.labels is None else v.labels.repeat(branches))
+                sentences = torch.cat([self.dual.encode_sentence(*t) for t in v.texts])
+            labels = None if v.labels is None else v.labels.repeat(branches)
+            terms["g_dual"] = _mean([self._c(torch.cat(view), sentences, labels) for view in dual_images])
         if self.active("g_counterfactual"):
             if samples is None:
                 raise ValueError("the counterfactual term needs the batch's samples: (index, [caption "
                                  "index per branch])")
             index, captions = samples
-            terms["g_counterfactual"] = _mean([self.counterfactual(f, index, c)
-                                               for f, c in zip(dual_images, captions)])
+            terms["g_counterfactual"] = _mean([self.counterfactual(f, index, c) for view in dual_images
+                                               for f, c in zip(view, captions)])
         if self.active("g_supcon_image"):
             terms["g_supcon_image"] = self._supcon(torch.cat([f.features for f in v.fakes]),
                                                    v.labels, branches)
         return terms
 
     # ------------------------------------------------------------------ helpers
+    def _dual_views(self, fake_images: list) -> list:
+        """What the frozen dual encoder scores: the fakes themselves, or ``loss.dual_views``
+        jittered copies of them (each a list over branches)."""
+        c = self.cfg
+        if not c.dual_views:
+            return [fake_images]
+        return [[jittered(img, c.dual_shift, c.dual_noise) for img in fake_images]
+                for _ in range(c.dual_views)]
+
     def _c(self, a, b, labels=None):
         return contrastive_loss(a, b, self.cfg.temperature, labels=labels, group=self.group)
 
