@@ -98,8 +98,8 @@ def test_a_run_is_not_overwritten(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     original, calls = XMCLossSet.generator_terms, []
 
-    def poisoned(self, views, *args):
-        terms = original(self, views, *args)
+    def poisoned(self, views, *args, **kwargs):
+        terms = original(self, views, *args, **kwargs)
         calls.append(1)
         if len(calls) == 3:
             terms["g_word"] = terms["g_word"] * float("nan")
