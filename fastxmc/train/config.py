@@ -337,17 +337,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(0 <= o.ema_decay <= 1, "optim.ema_decay", "in [0, 1]", o.ema_decay)
     _require(isinstance(o.ema_bn_batches, int) and not isinstance(o.ema_bn_batches, bool)
              and o.ema_bn_batches >= 0, "optim.ema_bn_batches", "an int >= 0", o.ema_bn_batches)
-    if loss.dual_weight and loss.dual_encoder is None:
-        raise ValueError("loss.dual_weight > 0 needs loss.dual_encoder: the run directory (or its "
-                         "dual_encoder.pt) of a `python -m fastxmc.pretrain` on the same data")
+    for name in ("dual_weight", "counterfactual_weight"):    # the terms scored in a dual encoder
+        if getattr(loss, name) and loss.dual_encoder is None:
+            raise ValueError(f"loss.{name} > 0 needs loss.dual_encoder: the run directory (or its "
+                             "dual_encoder.pt) of a `python -m fastxmc.pretrain` on the same data")
     for key, value in (("loss.dual_views", loss.dual_views), ("loss.dual_shift", loss.dual_shift)):
         _require(_is_int(value) and value >= 0, key, "an int >= 0", value)
     _require(isinstance(loss.dual_noise, (int, float)) and loss.dual_noise >= 0, "loss.dual_noise",
              "a number >= 0", loss.dual_noise)
     if loss.counterfactual_weight:
-        if loss.dual_encoder is None:
-            raise ValueError("loss.counterfactual_weight > 0 needs loss.dual_encoder: the run directory "
-                             "(or its dual_encoder.pt) of a `python -m fastxmc.pretrain` on the same data")
         if cfg.data.dataset != "shapes":
             raise ValueError("loss.counterfactual_weight needs the shapes dataset (its attributes.jsonl "
                              f"describes every object), got data.dataset={cfg.data.dataset!r}")

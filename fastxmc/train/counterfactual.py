@@ -93,12 +93,22 @@ class CounterfactualTerm:
             raise ValueError(f"codes (N, 4) and named (N, C, {len(attributes)}) disagree: "
                              f"{tuple(codes.shape)} and {tuple(named.shape)}")
         self.text = F.normalize(text_features.detach().float(), dim=-1)
-        self.codes, self.named = codes, named
         self.attributes, self.temperature = tuple(attributes), float(temperature)
-        self.axes = [GRID_AXES.index(a) for a in attributes]
+        # What counts, and per attribute every sample's candidate rows and true value (fixed for the run).
+        self.counts = named & (codes[:, None, :1] >= 0)                # (N, C, A)
+        kept = codes.clamp(min=0)                                      # left-out rows: any valid id
+        self.candidates, self.targets = [], []
+        for attribute in attributes:
+            axis = GRID_AXES.index(attribute)
+            candidates = kept[:, None, :].repeat(1, _RADIX[axis], 1)   # (N, V, 4)
+            candidates[:, :, axis] = torch.arange(_RADIX[axis])
+            self.candidates.append(grid_ids(candidates))              # (N, V)
+            self.targets.append(kept[:, axis])                         # (N,)
 
     def to(self, device) -> "CounterfactualTerm":
-        self.text, self.codes, self.named = (t.to(device) for t in (self.text, self.codes, self.named))
+        self.text, self.counts = self.text.to(device), self.counts.to(device)
+        self.candidates = [c.to(device) for c in self.candidates]
+        self.targets = [t.to(device) for t in self.targets]
         return self
 
     def __call__(self, image_features: torch.Tensor, index: torch.Tensor,
@@ -106,17 +116,12 @@ class CounterfactualTerm:
         """Mean cross-entropy over the (sample, attribute) pairs that count; ``image_features``
         (B, E) of the fakes drawn for samples ``index`` (B,) with captions ``caption`` (B,)."""
         image = F.normalize(image_features.float(), dim=-1)
-        codes = self.codes[index]                                     # (B, 4)
-        counts = self.named[index, caption] & (codes[:, :1] >= 0)     # (B, A)
+        counts = self.counts[index, caption]                           # (B, A)
         total = image.new_zeros(())
-        for k, axis in enumerate(self.axes):
-            values = torch.arange(_RADIX[axis], device=codes.device)
-            candidates = codes[:, None, :].repeat(1, len(values), 1)  # (B, V, 4)
-            candidates[:, :, axis] = values
-            candidates = candidates.clamp(min=0)                      # left-out rows: any valid id
-            text = self.text[grid_ids(candidates)]                    # (B, V, E)
+        for k, (candidates, targets) in enumerate(zip(self.candidates, self.targets)):
+            text = self.text[candidates[index]]                        # (B, V, E)
             logits = torch.einsum("be,bve->bv", image, text) / self.temperature
-            loss = F.cross_entropy(logits, codes[:, axis].clamp(min=0), reduction="none")
+            loss = F.cross_entropy(logits, targets[index], reduction="none")
             total = total + (loss * counts[:, k]).sum()
         return total / counts.sum().clamp(min=1)
 
@@ -156,10 +161,7 @@ def grid_text_features(dual, encode_captions, chunk: int = 256) -> torch.Tensor:
 def build_counterfactual_term(loss_cfg, loader, dual) -> CounterfactualTerm:
     """The term for ``loader``'s split (a shapes dataset) with ``dual``, a
     :class:`~fastxmc.train.losses.FrozenDualEncoder`."""
-    data = loader.data
-    if loader.cfg.dataset != "shapes":
-        raise ValueError(f"loss.counterfactual_weight needs the shapes dataset (its attributes.jsonl "
-                         f"describes every object), got data.dataset={loader.cfg.dataset!r}")
+    data = loader.data   # a shapes split: validate() has checked data.dataset
     attributes = parse_attributes(loss_cfg.counterfactual_attributes)
     codes, named = sample_codes_and_named(data.records, read_attributes(data.root / data.split), attributes)
     features = grid_text_features(dual, loader.encode_captions)

@@ -157,9 +157,9 @@ class FrozenClassifier(nn.Module):
 
 class FrozenDualEncoder(nn.Module):
     """A dual encoder written by ``python -m fastxmc.pretrain`` (its ``dual_encoder.pt`` or the run
-    directory), frozen and always in eval mode: ``(images, Text) -> (global image feature,
-    sentence)`` in fp32, images resized to the resolution it was trained at. Gradients flow to the
-    images only (the DAMSM-style term, ``loss.dual_weight``)."""
+    directory), frozen and always in eval mode: :meth:`encode_image` (images resized to the
+    resolution it was trained at) and :meth:`encode_sentence`, both fp32. Gradients flow to the
+    images only (the DAMSM-style and counterfactual terms)."""
 
     def __init__(self, path: str, option: str = "loss.dual_encoder"):
         super().__init__()
@@ -168,9 +168,6 @@ class FrozenDualEncoder(nn.Module):
 
     def train(self, mode: bool = True):
         return super().train(False)
-
-    def forward(self, images: torch.Tensor, text: Text) -> tuple:
-        return self.encode_image(images), self.encode_sentence(*text)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, E) fp32 global image features of images (B, 3, H, W) in [0, 1] at any resolution."""
