@@ -305,14 +305,16 @@ def test_sample_cli_on_a_trained_run(tmp_path):
 
 
 def test_torchrun_two_processes(tmp_path, cache):
-    """2 gloo ranks, label-guided terms with global negatives: the run ends only if both ranks hold
-    identical G and D parameters (checked by the loop); rank 0 alone writes the run directory."""
+    """2 gloo ranks, label-guided terms with global negatives and each rank's own caption negatives
+    (whose gradient reaches D's sentence projection outside D's DDP forward): the run ends only if
+    both ranks hold identical G and D parameters (checked by the loop); rank 0 alone writes the run
+    directory."""
     out = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "fastxmc.train", "--preset",
          "tiny", "--steps", "3", "--out", str(out), "--global-negatives", "--supcon",
-         "--run.tensorboard=false",
+         "--run.tensorboard=false", "--loss.text_negatives=32",
          "--quiet"],
         cwd=ROOT, env=subprocess_env(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -457,6 +457,26 @@ class Loader:
         return torch.from_numpy(np.ascontiguousarray(self._cache.sentence[np.unique(self._rows)],
                                                      dtype=np.float32))
 
+    def primary_labels(self) -> np.ndarray:
+        """(num_samples,) int64: every sample's primary label (-1 where it has none)."""
+        return self._labels.copy()
+
+    def caption_owners(self) -> np.ndarray:
+        """(n_captions,) int64: the sample each of the split's captions belongs to, in flat caption
+        order (sample 0's captions first): caption ``c`` of sample ``i`` is flat number
+        ``caption_offsets()[i] + c``."""
+        return np.repeat(np.arange(self.num_samples, dtype=np.int64), self._n_captions)
+
+    def caption_offsets(self) -> np.ndarray:
+        """(num_samples + 1,) int64: the flat number of each sample's first caption, and the total."""
+        return self._offsets.astype(np.int64, copy=True)
+
+    def caption_sentences(self, flat) -> torch.Tensor:
+        """(K, E) float32 sentence embeddings of captions by flat number, on the loader's device."""
+        rows = self._rows[np.asarray(flat, dtype=np.int64)]
+        sentence = np.ascontiguousarray(self._cache.sentence[rows], dtype=np.float32)
+        return torch.from_numpy(sentence).to(self.device)
+
     def label_sets(self, index) -> list[list[int]]:
         """The full label lists (primary first) of samples ``index``; ``[]`` without labels."""
         return [list(self.data.records[i].labels or []) for i in torch.as_tensor(index).reshape(-1).tolist()]

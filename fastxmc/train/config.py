@@ -67,6 +67,9 @@ class LossConfig:
     sentence_weight: float = 1.0        # C(p, e): D on real images, G on fakes
     word_weight: float = 1.0            # region-word loss: D on real images, G on fakes
     image_weight: float = 1.0           # C(p_fake, p_real) on D features (G only)
+    # Ours: K captions of other images of the split join the image->text direction of both sentence
+    # terms as extra negatives, through D's sentence projection (fastxmc/train/negatives.py); 0: off.
+    text_negatives: int = 0
     classifier_weight: float = 1.0      # C(f(real), f(fake)), only with image_classifier_weights
     image_classifier: Literal["resnet50", "vgg19", "dual"] = "resnet50"
     image_classifier_weights: str | None = None  # a torchvision state_dict file; dual: a pretrain run
@@ -341,6 +344,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(loss, name) and loss.dual_encoder is None:
             raise ValueError(f"loss.{name} > 0 needs loss.dual_encoder: the run directory (or its "
                              "dual_encoder.pt) of a `python -m fastxmc.pretrain` on the same data")
+    _require(_is_int(loss.text_negatives) and loss.text_negatives >= 0, "loss.text_negatives",
+             "an int >= 0", loss.text_negatives)
+    if loss.text_negatives and not loss.sentence_weight:
+        raise ValueError("loss.text_negatives > 0 adds negatives to the sentence terms, which "
+                         "loss.sentence_weight=0 switches off")
     for key, value in (("loss.dual_views", loss.dual_views), ("loss.dual_shift", loss.dual_shift)):
         _require(_is_int(value) and value >= 0, key, "an int >= 0", value)
     _require(isinstance(loss.dual_noise, (int, float)) and loss.dual_noise >= 0, "loss.dual_noise",

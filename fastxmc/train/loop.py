@@ -47,6 +47,7 @@ from fastxmc.train import checkpoint as ckpt
 from fastxmc.train.config import (TrainConfig, config_to_dict, discriminator_kwargs,
                                   generator_kwargs, write_config)
 from fastxmc.train.counterfactual import build_counterfactual_term
+from fastxmc.train.negatives import CaptionNegatives, build_negatives
 from fastxmc.train.distributed import (DistEnv, any_rank, barrier, gather_objects, init_distributed,
                                        parameter_fingerprint, shutdown, unwrap, wrap)
 from fastxmc.train.ema import ema_decay_at, make_ema, recompute_bn_statistics, update_ema
@@ -98,6 +99,7 @@ class Run:
     z_gen: torch.Generator
     autocast: object        # a zero-argument context-manager factory
     text_dim: int
+    negatives: CaptionNegatives | None = None  # loss.text_negatives
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -325,15 +327,20 @@ def generate(G: nn.Module, z: torch.Tensor, texts: list) -> torch.Tensor:
 
 
 def discriminate(D: nn.Module, real: torch.Tensor, fakes: torch.Tensor, texts: list, labels,
-                 real_grad: bool = False):
+                 real_grad: bool = False, negatives=None):
     """One D call on concat(real, fakes of every branch), each image with its own sentence;
-    ``real_grad`` tracks the real images for the R1 penalty."""
+    ``real_grad`` tracks the real images for the R1 penalty; ``negatives``, ``(sentences (K, E),
+    label ids (K,))`` of other images' captions, go through D's sentence projection."""
     if real_grad:
         real = real.detach().requires_grad_(True)
     sentences = torch.cat([texts[0].sentence] + [t.sentence for t in texts])
     out = D(torch.cat([real, fakes.to(real.dtype)]), sentences)
     chunks = chunk_output(out, 1 + len(texts))
-    return Views(chunks[0], chunks[1:], texts, labels, real if real_grad else None)
+    extra = extra_labels = None
+    if negatives is not None:
+        # outside D's forward (a DDP wrapper sees the shared Linear's summed gradient all the same)
+        extra, extra_labels = unwrap(D).project_sentence(negatives[0]).float(), negatives[1]
+    return Views(chunks[0], chunks[1:], texts, labels, real if real_grad else None, extra, extra_labels)
 
 
 @contextlib.contextmanager
@@ -349,25 +356,29 @@ def buffers_restored(module: nn.Module):
 
 
 def step_inputs(run: Run, batch: dict):
-    """(texts, labels, z) of a batch: labels only for the label-guided terms."""
+    """(texts, labels, z, negatives) of a batch: labels only for the label-guided terms, negatives
+    only with loss.text_negatives."""
     two = run.cfg.loss.supcon
     labels = None
     if two:
         labels = pair_labels(batch["label"], offset=run.env.rank * run.cfg.run.batch_size)
     z = torch.randn(batch["image"].shape[0], run.cfg.model.z_dim, device=run.env.device,
                     generator=run.z_gen)
-    return texts_of(batch, two), labels, z
+    negatives = None
+    if run.negatives is not None:
+        negatives = run.negatives.draw(batch["index"], batch["caption"], batch["label"])
+    return texts_of(batch, two), labels, z, negatives
 
 
 def discriminator_step(run: Run, batch: dict) -> torch.Tensor:
     """A D-only step; returns its (detached) weighted loss."""
     nets = run.nets
-    texts, labels, z = step_inputs(run, batch)
+    texts, labels, z, negatives = step_inputs(run, batch)
     with torch.no_grad(), buffers_restored(nets.g), run.autocast():
         fakes = generate(nets.g, z, texts)
     with run.autocast():
         views = discriminate(nets.D, batch["image"], fakes, texts, labels,
-                             run.losses.active("d_r1"))
+                             run.losses.active("d_r1"), negatives)
     loss = run.losses.total(run.losses.discriminator_terms(views))
     nets.opt_D.zero_grad(set_to_none=True)
     loss.backward()
@@ -384,11 +395,11 @@ class JointForward(NamedTuple):
 
 def joint_forward(run: Run, batch: dict) -> JointForward:
     """G with gradients, one shared D forward, both loss sets."""
-    texts, labels, z = step_inputs(run, batch)
+    texts, labels, z, negatives = step_inputs(run, batch)
     with run.autocast():
         fakes = generate(run.nets.G, z, texts)
         views = discriminate(run.nets.D, batch["image"], fakes, texts, labels,
-                             run.losses.active("d_r1"))
+                             run.losses.active("d_r1"), negatives)
     d_terms = run.losses.discriminator_terms(views)
     captions = [batch["caption"]] + ([batch["caption_b"]] if len(texts) > 1 else [])
     g_terms = run.losses.generator_terms(views, batch["image"], list(fakes.chunk(len(texts))),
@@ -519,7 +530,7 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
     nets = build_networks(cfg, loader.text_dim, env.device, sentences)
     z_gen = torch.Generator(device=env.device).manual_seed(noise_seed(r.seed, env.rank))
     run = Run(cfg, env, run_dir, loader, nets, build_losses(cfg, env, autocast, loader), z_gen, autocast,
-              loader.text_dim)
+              loader.text_dim, build_negatives(cfg.loss, loader, seed=r.seed, rank=env.rank))
     samples = build_sample_set(cfg, progress)
     statistics_set = build_statistics_set(cfg, progress)
     start = restore_state(state, run) if state is not None else 0

@@ -19,6 +19,10 @@ Conventions (xmcgan.md sections 5 and 7):
 * Ours, off by default: ``+ w_cf CF(E_img(fake), obj)`` (``loss.counterfactual_weight``, shapes
   dataset): each fake against its object's one-wording description and the same description with one
   named attribute changed, in the same frozen encoder (:mod:`fastxmc.train.counterfactual`).
+* Ours, off by default: ``loss.text_negatives=K`` adds K captions of other images of the split to
+  the image->text direction of both sentence terms (:mod:`fastxmc.train.negatives`), so that D's
+  sentence head must read what tells an image's caption from the whole split's, not only from the
+  batch's 16 (on the shapes data: the shape).
 * Label-guided extension (``loss.supcon``): every sample carries two captions (branches a and b); G
   runs on both with the same z. Labels of -1 (none) become one unique id per sample, shared by its two
   branches, so such a sample's only positives are its own pairs. Then
@@ -77,6 +81,10 @@ class Views(NamedTuple):
     texts: list
     labels: torch.Tensor | None
     real_images: torch.Tensor | None = None  # D's real input, requires_grad for the R1 term
+    # loss.text_negatives: D's sentence projection (K, F) of captions of other images, and their
+    # label ids (K,) (see fastxmc.train.negatives); extra negatives of the sentence terms
+    negatives: torch.Tensor | None = None
+    negative_labels: torch.Tensor | None = None
 
 
 def chunk_output(out, chunks: int) -> list:
@@ -281,7 +289,7 @@ class XMCLossSet:
         terms = {"d_hinge": hinge_d(v.real.logits, fake_logits)}
         text = v.texts[0]
         if self.active("d_sentence"):
-            terms["d_sentence"] = self._c(v.real.features, v.real.sentence, v.labels)
+            terms["d_sentence"] = self._sentence(v.real.features, v.real.sentence, v.labels, v)
         if self.active("d_word"):
             terms["d_word"] = self._word(v.real.regions, text)
         if self.active("d_supcon_text"):
@@ -299,9 +307,10 @@ class XMCLossSet:
         branches = len(v.fakes)
         terms = {"g_adv": hinge_g(torch.cat([f.logits for f in v.fakes]))}
         if self.active("g_sentence"):
-            terms["g_sentence"] = self._c(torch.cat([f.features for f in v.fakes]),
-                                          torch.cat([f.sentence for f in v.fakes]),
-                                          None if v.labels is None else v.labels.repeat(branches))
+            terms["g_sentence"] = self._sentence(torch.cat([f.features for f in v.fakes]),
+                                                 torch.cat([f.sentence for f in v.fakes]),
+                                                 None if v.labels is None else v.labels.repeat(branches),
+                                                 v)
         if self.active("g_word"):
             terms["g_word"] = _mean([self._word(f.regions, t) for f, t in zip(v.fakes, v.texts)])
         if self.active("g_image"):
@@ -344,6 +353,24 @@ class XMCLossSet:
 
     def _c(self, a, b, labels=None):
         return contrastive_loss(a, b, self.cfg.temperature, labels=labels, group=self.group)
+
+    def _sentence(self, features, sentences, labels, v: Views):
+        """The sentence term ``C(features, sentences)``; with ``v.negatives`` (loss.text_negatives)
+        its image->text direction also ranks them (the text->image direction is unchanged)."""
+        if v.negatives is None:
+            return self._c(features, sentences, labels)
+        t, group = self.cfg.temperature, self.group
+        candidates = torch.cat([sentences, v.negatives.to(sentences.dtype)])
+        if labels is None:
+            targets = torch.arange(features.shape[0], device=features.device)
+            rows = info_nce(features, candidates, t, targets=targets, symmetric=False, group=group)
+            cols = info_nce(sentences, features, t, symmetric=False, group=group)
+        else:
+            rows = info_nce(features, candidates, t, labels=labels,
+                            labels_b=torch.cat([labels, v.negative_labels]), symmetric=False,
+                            group=group)
+            cols = info_nce(sentences, features, t, labels=labels, symmetric=False, group=group)
+        return rows + cols   # summed directions, as C
 
     def _word(self, regions, text: Text):
         c = self.cfg
