@@ -143,6 +143,23 @@ def test_discriminator_projection_and_sentence_tiling():
     torch.testing.assert_close(alone.logits, expected)
 
 
+def test_discriminator_class_head_classifies_the_global_feature():
+    """num_classes > 0 (loss.class_weight): class logits = Linear(p), spectrally normalised like
+    every D layer; without it D has no head and returns classes=None."""
+    torch.manual_seed(0)
+    D = Discriminator(32, TEXT_DIM, width=WIDTH, num_classes=7).eval()
+    out = D(torch.rand(4, 3, 32, 32), _text(batch=2)[0])
+    assert out.classes.shape == (4, 7) and _has_spectral_norm(D.classifier)
+    torch.testing.assert_close(out.classes, D.classifier(out.features))
+    plain = Discriminator(32, TEXT_DIM, width=WIDTH)
+    assert plain.classifier is None and plain(torch.rand(2, 3, 32, 32), _text(batch=2)[0]).classes is None
+    extra = count_parameters(D) - count_parameters(Discriminator(32, TEXT_DIM, width=WIDTH))
+    assert extra == 16 * WIDTH * 7 + 7
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+            Discriminator(32, TEXT_DIM, width=WIDTH, num_classes=bad)
+
+
 def test_coordinate_channels_are_appended_to_the_input():
     """With coords, D's first conv sees (image, x, y) and everything downstream is computed from that."""
     assert with_coordinates(torch.zeros(1, 3, 2, 3)).tolist()[0][3:] == [

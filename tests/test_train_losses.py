@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from fastxmc.train.config import LossConfig
+from fastxmc.models import DiscriminatorOutput
 from fastxmc.train.losses import (DOut, FrozenClassifier, Text, Views, XMCLossSet, chunk_output,
-                                  contrastive_loss, hinge_d, hinge_g, pair_labels,
+                                  class_loss, contrastive_loss, hinge_d, hinge_g, pair_labels,
                                   r1_penalty)
 
 B, F, R, E, T = 3, 4, 5, 6, 4
@@ -201,6 +202,40 @@ def test_label_guided_terms_with_two_caption_branches():
     assert losses.total(d).item() == pytest.approx(
         (d["d_hinge"] + d["d_sentence"] + d["d_word"] + 0.4 * d["d_supcon_text"]).item())
     assert losses.weights["g_supcon_image"] == 0.3
+
+
+def test_class_terms_are_cross_entropies_over_the_labelled_rows():
+    """loss.class_weight: D's class head on real images, G's fakes (each branch) against the
+    batch's primary labels; rows without a label (-1) are left out."""
+    torch.manual_seed(3)
+    C = 4
+    with_classes = lambda: _dout()._replace(classes=torch.randn(B, C))  # noqa: E731
+    real, fake_a, fake_b = with_classes(), with_classes(), with_classes()
+    labels = torch.tensor([2, -1, 0])
+    losses = XMCLossSet(LossConfig(class_weight=0.5))
+    v = Views(real, [fake_a, fake_b], [_text(), _text()], None, class_labels=labels)
+    d, g = losses.discriminator_terms(v), losses.generator_terms(v)
+
+    def ce(logits):   # by hand, rows 0 and 2
+        rows = [(0, 2), (2, 0)]
+        return sum(torch.logsumexp(logits[i], 0) - logits[i, c] for i, c in rows).item() / 2
+
+    assert d["d_class"].item() == pytest.approx(ce(real.classes), rel=1e-9)
+    assert g["g_class"].item() == pytest.approx((ce(fake_a.classes) + ce(fake_b.classes)) / 2, rel=1e-9)
+    assert losses.weights["d_class"] == losses.weights["g_class"] == 0.5
+    none = class_loss(real.classes.requires_grad_(), torch.full((B,), -1))
+    assert none.item() == 0.0 and none.requires_grad
+    assert "d_class" not in XMCLossSet(LossConfig()).discriminator_terms(v)
+    with pytest.raises(ValueError, match="loss.class_weight needs D's class logits"):
+        losses.discriminator_terms(Views(_dout(), [_dout()], [_text()], None, class_labels=labels))
+
+
+def test_chunk_output_carries_the_class_logits():
+    out = DiscriminatorOutput(torch.randn(4), torch.randn(4, F), torch.randn(4, R, E), torch.randn(4, F),
+                              torch.randn(4, 3))
+    first, second = chunk_output(out, 2)
+    assert torch.equal(second.classes, out.classes[2:].float())
+    assert chunk_output(DiscriminatorOutput(*out[:4]), 2)[0].classes is None
 
 
 def test_r1_penalty_is_the_squared_input_gradient_of_the_real_logits():

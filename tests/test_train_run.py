@@ -242,6 +242,29 @@ def test_counterfactual_term_run_logs_it_with_supcon(tmp_path):
     assert np.isfinite(record["g_counterfactual"]) and record["g_counterfactual"] > 0
 
 
+def test_class_head_run_logs_its_terms_and_reloads(tmp_path):
+    """--loss.class_weight: D gets a 48-way head (the shapes labels), both terms start near
+    log(48), and load_run rebuilds D with the head from the checkpoint."""
+    out = tmp_path / "run"
+    loop.train(tiny(out, ("run.steps", "2"), ("loss.class_weight", "1"), ("run.checkpoint_every", "2")))
+    first = read_metrics(out)[0]
+    for key in ("d_class", "g_class"):
+        assert first[key] == pytest.approx(np.log(48), abs=0.5), key
+    loaded = ckpt.load_run(out, discriminator=True)
+    assert loaded.D.num_classes == 48
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
+    assert all(torch.equal(v, loaded.D.state_dict()[k]) for k, v in state["D"].items())
+
+
+def test_class_head_needs_labels(tmp_path):
+    class Unlabelled:
+        num_classes = 0
+    cfg = tiny(tmp_path, ("loss.class_weight", "1"))
+    with pytest.raises(ValueError, match="loss.class_weight > 0 needs class labels"):
+        loop.d_classes(cfg, Unlabelled())
+    assert loop.d_classes(tiny(tmp_path), Unlabelled()) == 0
+
+
 def test_reference_backends_give_the_same_losses(tmp_path, monkeypatch):
     """Convergence check: twenty training steps with the default (fused) backends and with
     FASTXMC_IMPL=reference follow the same loss curve.

@@ -20,6 +20,10 @@ channels; 8w at 256).
 Liu et al. 2018) to the input. The global feature is a sum over positions, so without them D's only
 cue to *where* something is comes from the zero padding at the borders; with them the sentence
 projection and the contrastive heads can check captions such as "at the top left" directly.
+
+``num_classes=C`` (ours, 0 by default) adds an auxiliary classifier, ``Linear(16w -> C)(p)`` (spectral
+norm like every layer), whose logits are the ``classes`` field of the output: AC-GAN's label head
+(Odena et al. 2017), trained on real images' class labels (``loss.class_weight``).
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ class DiscriminatorOutput(NamedTuple):
     features: torch.Tensor  # (N, 16w) sum-pooled global feature p
     regions: torch.Tensor   # (N, 256, text_dim) region features for the word loss
     sentence: torch.Tensor  # (B, 16w) sentence projection e (N = k * B, see Discriminator.forward)
+    classes: torch.Tensor | None = None  # (N, C) auxiliary class logits (num_classes > 0), else None
 
 
 def _build_blocks(resolution: int, width: int, in_channels: int = 3):
@@ -75,13 +80,16 @@ class Discriminator(nn.Module):
     """
 
     def __init__(self, resolution: int, text_dim: int, width: int = 96, *, coords: bool = False,
-                 whiten_sentence: bool = False):
+                 whiten_sentence: bool = False, num_classes: int = 0):
         super().__init__()
         if resolution not in D_ARCHITECTURES:
             raise ValueError(f"resolution must be one of {sorted(D_ARCHITECTURES)}, got {resolution!r}")
         for name, value in (("text_dim", text_dim), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
         self.resolution, self.text_dim, self.width, self.coords = resolution, text_dim, width, bool(coords)
         self.blocks, self.region_block, region_channels = _build_blocks(
             resolution, width, 3 + 2 * self.coords)
@@ -91,6 +99,7 @@ class Discriminator(nn.Module):
         self.whitening = SentenceWhitening(text_dim) if whiten_sentence else None
         self.sentence_proj = nn.Linear(text_dim, feature_dim)
         self.region_proj = conv1x1(region_channels, text_dim)
+        self.classifier = nn.Linear(feature_dim, num_classes) if num_classes else None
         init_glorot_(self)
         add_spectral_norm_(self)
 
@@ -118,7 +127,8 @@ class Discriminator(nn.Module):
     def forward(self, images: torch.Tensor, sentence: torch.Tensor) -> DiscriminatorOutput:
         """images (N, 3, res, res) in [0, 1], sentence (B, text_dim) with N = k * B: the sentences are
         tiled k times for the projection (as the reference code does for concat(real, fake) with
-        k = 2). Returns logits (N,), features (N, 16w), regions (N, 256, text_dim), sentence (B, 16w).
+        k = 2). Returns logits (N,), features (N, 16w), regions (N, 256, text_dim), sentence (B, 16w)
+        and, with ``num_classes``, class logits (N, C).
         """
         self._check_inputs(images, sentence)
         h = with_coordinates(images) if self.coords else images
@@ -131,4 +141,5 @@ class Discriminator(nn.Module):
         tiled = sentence_emb.repeat(images.shape[0] // sentence.shape[0], 1)
         logits = self.head(features).squeeze(1) + (features * tiled).sum(dim=1)
         regions = self.region_proj(region_map).flatten(2).transpose(1, 2)  # (N, 256, text_dim)
-        return DiscriminatorOutput(logits, features, regions, sentence_emb)
+        classes = self.classifier(features) if self.classifier is not None else None
+        return DiscriminatorOutput(logits, features, regions, sentence_emb, classes)

@@ -130,7 +130,8 @@ def load_run(run_dir, *, device="cpu", checkpoint=None, discriminator: bool = Fa
     frozen = lambda net: net.to(device).eval().requires_grad_(False)  # noqa: E731
     disc = None
     if discriminator:
-        disc = Discriminator(text_dim=state["text_dim"], **discriminator_kwargs(config))
+        disc = Discriminator(text_dim=state["text_dim"], num_classes=state.get("d_classes", 0),
+                             **discriminator_kwargs(config))
         disc.load_state_dict(state["D"])
         disc = frozen(disc)
     return LoadedRun(config, frozen(generator), state["step"], state["text_dim"], path, disc)

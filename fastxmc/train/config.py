@@ -70,6 +70,10 @@ class LossConfig:
     # Ours: K captions of other images of the split join the image->text direction of both sentence
     # terms as extra negatives, through D's sentence projection (fastxmc/train/negatives.py); 0: off.
     text_negatives: int = 0
+    # Ours: AC-GAN's auxiliary classifier, a label head on D's global feature: D learns the primary
+    # class label of real images (d_class), G's fakes are scored against their image's label
+    # (g_class), both cross-entropies weighted class_weight; needs class labels; 0: off.
+    class_weight: float = 0.0
     classifier_weight: float = 1.0      # C(f(real), f(fake)), only with image_classifier_weights
     image_classifier: Literal["resnet50", "vgg19", "dual"] = "resnet50"
     image_classifier_weights: str | None = None  # a torchvision state_dict file; dual: a pretrain run
@@ -332,7 +336,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _require(isinstance(value, (int, float)) and value > 0, key, "a positive number", value)
     for name in ("sentence_weight", "word_weight", "image_weight", "classifier_weight",
                  "supcon_image_weight", "supcon_text_weight", "r1_gamma", "dual_weight",
-                 "counterfactual_weight"):
+                 "counterfactual_weight", "class_weight"):
         value = getattr(loss, name)
         _require(isinstance(value, (int, float)) and value >= 0, f"loss.{name}", "a number >= 0", value)
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",

@@ -157,12 +157,13 @@ def make_optimizer(params, lr: float, optim_cfg, device: torch.device) -> torch.
 
 
 def build_networks(cfg: TrainConfig, text_dim: int, device: torch.device,
-                   sentences: torch.Tensor | None = None) -> Nets:
+                   sentences: torch.Tensor | None = None, num_classes: int = 0) -> Nets:
     """G, D, G_ema and both optimizers (unwrapped; see :func:`wrap_networks`). With
     ``model.whiten_sentences``, G's and D's whitening is fitted to ``sentences`` (the training
-    captions' embeddings) before G_ema is copied from G."""
+    captions' embeddings) before G_ema is copied from G. ``num_classes`` > 0 gives D its class head
+    (``loss.class_weight``; see :func:`d_classes`)."""
     G = Generator(text_dim=text_dim, **generator_kwargs(cfg)).to(device)
-    D = Discriminator(text_dim=text_dim, **discriminator_kwargs(cfg)).to(device)
+    D = Discriminator(text_dim=text_dim, num_classes=num_classes, **discriminator_kwargs(cfg)).to(device)
     if cfg.model.whiten_sentences:
         if sentences is None:
             raise ValueError("model.whiten_sentences needs the training captions' sentence embeddings")
@@ -171,6 +172,17 @@ def build_networks(cfg: TrainConfig, text_dim: int, device: torch.device,
     return Nets(G, D, make_ema(G),
                 make_optimizer(G.parameters(), cfg.optim.g_lr, cfg.optim, device),
                 make_optimizer(D.parameters(), cfg.optim.d_lr, cfg.optim, device))
+
+
+def d_classes(cfg: TrainConfig, loader) -> int:
+    """The size of D's class head: the data's class count with ``loss.class_weight``, else 0."""
+    if not cfg.loss.class_weight:
+        return 0
+    if not loader.num_classes:
+        raise ValueError(f"loss.class_weight > 0 needs class labels, and the {cfg.data.dataset} "
+                         "training data has none (labels in captions.jsonl, COCO instances, CUB "
+                         "species)")
+    return loader.num_classes
 
 
 def wrap_networks(nets: Nets, cfg: TrainConfig, env: DistEnv) -> None:
@@ -288,7 +300,8 @@ def checkpoint_state(run: Run, step: int) -> dict:
             "G_ema": nets.G_ema.state_dict(), "opt_G": nets.opt_G.state_dict(),
             "opt_D": nets.opt_D.state_dict(), "data": run.loader.state_dict(),
             "rng": {**ckpt.capture_rng(), "z": z_states}, "config": config_to_dict(run.cfg),
-            "text_dim": run.text_dim, "world_size": run.env.world_size}
+            "text_dim": run.text_dim, "world_size": run.env.world_size,
+            "d_classes": nets.d.num_classes}
 
 
 def save(run: Run, step: int) -> Path | None:
@@ -327,10 +340,11 @@ def generate(G: nn.Module, z: torch.Tensor, texts: list) -> torch.Tensor:
 
 
 def discriminate(D: nn.Module, real: torch.Tensor, fakes: torch.Tensor, texts: list, labels,
-                 real_grad: bool = False, negatives=None):
+                 real_grad: bool = False, negatives=None, class_labels=None):
     """One D call on concat(real, fakes of every branch), each image with its own sentence;
     ``real_grad`` tracks the real images for the R1 penalty; ``negatives``, ``(sentences (K, E),
-    label ids (K,))`` of other images' captions, go through D's sentence projection."""
+    label ids (K,))`` of other images' captions, go through D's sentence projection;
+    ``class_labels`` (the batch's primary labels) are passed on for D's class head."""
     if real_grad:
         real = real.detach().requires_grad_(True)
     sentences = torch.cat([texts[0].sentence] + [t.sentence for t in texts])
@@ -340,7 +354,8 @@ def discriminate(D: nn.Module, real: torch.Tensor, fakes: torch.Tensor, texts: l
     if negatives is not None:
         # outside D's forward (a DDP wrapper sees the shared Linear's summed gradient all the same)
         extra, extra_labels = unwrap(D).project_sentence(negatives[0]).float(), negatives[1]
-    return Views(chunks[0], chunks[1:], texts, labels, real if real_grad else None, extra, extra_labels)
+    return Views(chunks[0], chunks[1:], texts, labels, real if real_grad else None, extra, extra_labels,
+                 class_labels)
 
 
 @contextlib.contextmanager
@@ -378,7 +393,7 @@ def discriminator_step(run: Run, batch: dict) -> torch.Tensor:
         fakes = generate(nets.g, z, texts)
     with run.autocast():
         views = discriminate(nets.D, batch["image"], fakes, texts, labels,
-                             run.losses.active("d_r1"), negatives)
+                             run.losses.active("d_r1"), negatives, batch["label"])
     loss = run.losses.total(run.losses.discriminator_terms(views))
     nets.opt_D.zero_grad(set_to_none=True)
     loss.backward()
@@ -399,7 +414,7 @@ def joint_forward(run: Run, batch: dict) -> JointForward:
     with run.autocast():
         fakes = generate(run.nets.G, z, texts)
         views = discriminate(run.nets.D, batch["image"], fakes, texts, labels,
-                             run.losses.active("d_r1"), negatives)
+                             run.losses.active("d_r1"), negatives, batch["label"])
     d_terms = run.losses.discriminator_terms(views)
     captions = [batch["caption"]] + ([batch["caption_b"]] if len(texts) > 1 else [])
     g_terms = run.losses.generator_terms(views, batch["image"], list(fakes.chunk(len(texts))),
@@ -527,7 +542,7 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
     progress = env.is_main and not r.quiet
     loader = make_loader(cfg, env, progress)
     sentences = loader.sentence_embeddings() if cfg.model.whiten_sentences else None
-    nets = build_networks(cfg, loader.text_dim, env.device, sentences)
+    nets = build_networks(cfg, loader.text_dim, env.device, sentences, d_classes(cfg, loader))
     z_gen = torch.Generator(device=env.device).manual_seed(noise_seed(r.seed, env.rank))
     run = Run(cfg, env, run_dir, loader, nets, build_losses(cfg, env, autocast, loader), z_gen, autocast,
               loader.text_dim, build_negatives(cfg.loss, loader, seed=r.seed, rank=env.rank))

@@ -69,6 +69,7 @@ class DOut(NamedTuple):
     features: torch.Tensor    # (B, F) global feature p
     regions: torch.Tensor     # (B, R, E) region features
     sentence: torch.Tensor    # (B, F) sentence projection e
+    classes: torch.Tensor | None = None  # (B, C) auxiliary class logits (loss.class_weight)
 
 
 class Views(NamedTuple):
@@ -85,14 +86,28 @@ class Views(NamedTuple):
     # label ids (K,) (see fastxmc.train.negatives); extra negatives of the sentence terms
     negatives: torch.Tensor | None = None
     negative_labels: torch.Tensor | None = None
+    # loss.class_weight: the batch's primary labels (B,), -1 where an image has none
+    class_labels: torch.Tensor | None = None
 
 
 def chunk_output(out, chunks: int) -> list:
-    """Split D's output (a NamedTuple whose first four fields are logits, features, regions,
-    sentence, all batch-first) into ``chunks`` equal batch chunks, cast to fp32."""
+    """Split D's output (a NamedTuple with fields logits, features, regions, sentence and
+    optionally classes, all batch-first) into ``chunks`` equal batch chunks, cast to fp32."""
     fields = [out.logits, out.features, out.regions, out.sentence]
+    classes = getattr(out, "classes", None)
+    if classes is not None:
+        fields.append(classes)
     parts = [f.float().chunk(chunks) for f in fields]
     return [DOut(*chunk) for chunk in zip(*parts)]
+
+
+def class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of class ``logits`` (B, C) against ``labels`` (B,), over the rows with a label
+    (>= 0); 0 (with a gradient path) when no row has one."""
+    has = labels >= 0
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[has], labels[has])
 
 
 def contrastive_loss(a, b, temperature: float = 0.1, *, labels=None, group=None):
@@ -266,6 +281,8 @@ class XMCLossSet:
                         "g_word": cfg.word_weight, "g_image": cfg.image_weight}
         if cfg.r1_gamma:
             self.weights["d_r1"] = cfg.r1_gamma / 2.0
+        if cfg.class_weight:
+            self.weights["d_class"] = self.weights["g_class"] = cfg.class_weight
         if classifier is not None:
             self.weights["g_classifier"] = cfg.classifier_weight
         if dual is not None:
@@ -297,6 +314,8 @@ class XMCLossSet:
             terms["d_supcon_text"] = self._supcon(sentences, v.labels, len(v.fakes))
         if self.active("d_r1"):
             terms["d_r1"] = r1_penalty(v.real.logits, v.real_images)
+        if self.active("d_class"):
+            terms["d_class"] = class_loss(v.real.classes, self._class_labels(v))
         return terms
 
     # ------------------------------------------------------------------ G
@@ -339,6 +358,9 @@ class XMCLossSet:
         if self.active("g_supcon_image"):
             terms["g_supcon_image"] = self._supcon(torch.cat([f.features for f in v.fakes]),
                                                    v.labels, branches)
+        if self.active("g_class"):
+            labels = self._class_labels(v)
+            terms["g_class"] = _mean([class_loss(f.classes, labels) for f in v.fakes])
         return terms
 
     # ------------------------------------------------------------------ helpers
@@ -371,6 +393,13 @@ class XMCLossSet:
                             group=group)
             cols = info_nce(sentences, features, t, labels=labels, symmetric=False, group=group)
         return rows + cols   # summed directions, as C
+
+    @staticmethod
+    def _class_labels(v: Views) -> torch.Tensor:
+        if v.class_labels is None or v.real.classes is None:
+            raise ValueError("loss.class_weight needs D's class logits (Discriminator(num_classes=)) "
+                             "and the batch's labels (Views.class_labels)")
+        return v.class_labels
 
     def _word(self, regions, text: Text):
         c = self.cfg
