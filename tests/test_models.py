@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
-from fastxmc.models.blocks import with_coordinates
+from fastxmc.models.blocks import with_coordinates, with_saturation
 from fastxmc.models import (Discriminator, Generator, SelfModulationBN, SpatialModulationBN,
                             count_parameters)
 
@@ -121,7 +121,8 @@ def test_shapes_and_range(resolution):
     assert out.features.shape == (4, 16 * WIDTH)
     assert out.regions.shape == (4, 256, TEXT_DIM)
     assert out.sentence.shape == (2, 16 * WIDTH)
-    assert all(torch.isfinite(t).all() for t in out)
+    assert out.classes is None   # no class head without num_classes
+    assert all(torch.isfinite(t).all() for t in out[:4])
 
 
 def test_discriminator_projection_and_sentence_tiling():
@@ -170,6 +171,22 @@ def test_coordinate_channels_are_appended_to_the_input():
     images = torch.rand(2, 3, 32, 32)
     out = D(images, _text(batch=2)[0])
     h = with_coordinates(images)
+    for block in D.blocks:
+        h = block(h)
+    torch.testing.assert_close(out.features, F.relu(h).sum(dim=(2, 3)))
+
+
+def test_saturation_channel_comes_before_the_coordinates():
+    """saturation=True: D's first conv sees (image, max - min over RGB[, x, y])."""
+    rgb = torch.tensor([[[[0.2, 0.9]], [[0.5, 0.5]], [[0.4, 0.4]]]])  # (1, 3, 1, 2)
+    assert with_saturation(rgb)[0, 3, 0].tolist() == pytest.approx([0.3, 0.5])
+    torch.manual_seed(0)
+    D = Discriminator(32, TEXT_DIM, width=WIDTH, coords=True, saturation=True).eval()
+    assert D.blocks[0].conv1.weight.shape[1] == 6 and D.saturation
+    assert Discriminator(32, TEXT_DIM, width=WIDTH, saturation=True).blocks[0].conv1.weight.shape[1] == 4
+    images = torch.rand(2, 3, 32, 32)
+    out = D(images, _text(batch=2)[0])
+    h = with_coordinates(with_saturation(images))
     for block in D.blocks:
         h = block(h)
     torch.testing.assert_close(out.features, F.relu(h).sum(dim=(2, 3)))

@@ -68,6 +68,11 @@ def with_coordinates(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, coords], dim=1)
 
 
+def with_saturation(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 4, H, W): x, then its saturation ``max - min`` over the channels."""
+    return torch.cat([x, x.amax(1, keepdim=True) - x.amin(1, keepdim=True)], dim=1)
+
+
 def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, padding=1)
 

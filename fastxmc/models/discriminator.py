@@ -21,6 +21,13 @@ Liu et al. 2018) to the input. The global feature is a sum over positions, so wi
 cue to *where* something is comes from the zero padding at the borders; with them the sentence
 projection and the contrastive heads can check captions such as "at the top left" directly.
 
+``saturation=True`` (ours, off by default) appends the input's saturation, ``max - min`` over the RGB
+channels, before the coordinate channels. Where objects are drawn in saturated colours on muted
+backgrounds (the shapes data) that channel is the objects' silhouette. Measured with this D as a plain
+shape classifier (32px, width 16, batch 16, Adam 2e-4, no GAN): shape accuracy 0.73 after 1500 steps
+with the channel and without spectral norm, 0.30 with both, and 0.20-0.24 without the channel (chance
+0.17; with or without spectral norm) while colour was learnt within 750-1000 steps in every case.
+
 ``num_classes=C`` (ours, 0 by default) adds an auxiliary classifier, ``Linear(16w -> C)(p)`` (spectral
 norm like every layer), whose logits are the ``classes`` field of the output: AC-GAN's label head
 (Odena et al. 2017), trained on real images' class labels (``loss.class_weight``).
@@ -34,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastxmc.models.blocks import (DownBlock, OptimizedDownBlock, add_spectral_norm_, conv1x1,
-                                   init_glorot_, with_coordinates)
+                                   init_glorot_, with_coordinates, with_saturation)
 from fastxmc.models.whitening import SentenceWhitening
 
 D_ARCHITECTURES = {
@@ -80,7 +87,7 @@ class Discriminator(nn.Module):
     """
 
     def __init__(self, resolution: int, text_dim: int, width: int = 96, *, coords: bool = False,
-                 whiten_sentence: bool = False, num_classes: int = 0):
+                 whiten_sentence: bool = False, num_classes: int = 0, saturation: bool = False):
         super().__init__()
         if resolution not in D_ARCHITECTURES:
             raise ValueError(f"resolution must be one of {sorted(D_ARCHITECTURES)}, got {resolution!r}")
@@ -89,10 +96,10 @@ class Discriminator(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes, self.saturation = num_classes, bool(saturation)
         self.resolution, self.text_dim, self.width, self.coords = resolution, text_dim, width, bool(coords)
         self.blocks, self.region_block, region_channels = _build_blocks(
-            resolution, width, 3 + 2 * self.coords)
+            resolution, width, 3 + self.saturation + 2 * self.coords)
         feature_dim = D_ARCHITECTURES[resolution][1][-1][0] * width
         self.feature_dim = feature_dim
         self.head = nn.Linear(feature_dim, 1)
@@ -131,7 +138,8 @@ class Discriminator(nn.Module):
         and, with ``num_classes``, class logits (N, C).
         """
         self._check_inputs(images, sentence)
-        h = with_coordinates(images) if self.coords else images
+        h = with_saturation(images) if self.saturation else images
+        h = with_coordinates(h) if self.coords else h
         for index, block in enumerate(self.blocks):
             h = block(h)
             if index == self.region_block:

@@ -39,6 +39,7 @@ class ModelConfig:
     rho: float = 15.0                   # sharpness of G's word attention
     attention_every_block: bool = False  # recompute G's word attention per block (paper) vs once (code)
     d_coords: bool = False              # x/y coordinate input channels in D (ours; see Discriminator)
+    d_saturation: bool = False          # a saturation (max - min of RGB) input channel in D (ours)
     g_text_stem: bool = False           # G's 4x4 stem reads the sentence too (ours; see Generator)
     g_coords: bool = False              # x/y coordinate channels in G's attention queries (ours)
     whiten_sentences: bool = False      # G and D read ZCA-whitened sentence embeddings (ours)
@@ -144,7 +145,7 @@ def generator_kwargs(cfg: TrainConfig) -> dict:
 
 def discriminator_kwargs(cfg: TrainConfig) -> dict:
     return dict(resolution=cfg.data.resolution, width=cfg.model.d_width, coords=cfg.model.d_coords,
-                whiten_sentence=cfg.model.whiten_sentences)
+                whiten_sentence=cfg.model.whiten_sentences, saturation=cfg.model.d_saturation)
 
 
 # ---------------------------------------------------------------- presets
