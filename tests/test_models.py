@@ -221,6 +221,12 @@ def test_spectral_norm_on_every_discriminator_layer_and_none_in_generator(resolu
     assert not any(parametrize.is_parametrized(m) for m in G.modules())
 
 
+def test_spectral_norm_can_be_left_out():
+    D = Discriminator(32, TEXT_DIM, width=WIDTH, spectral_norm=False)
+    assert not any(parametrize.is_parametrized(m) for m in D.modules())
+    assert count_parameters(D) == count_parameters(Discriminator(32, TEXT_DIM, width=WIDTH))
+
+
 def test_spectral_norm_power_iteration_only_in_training():
     D = Discriminator(32, TEXT_DIM, width=WIDTH)
     layer = D.blocks[1].conv1                                      # (8w, 4w, 3, 3)

@@ -40,6 +40,7 @@ class ModelConfig:
     attention_every_block: bool = False  # recompute G's word attention per block (paper) vs once (code)
     d_coords: bool = False              # x/y coordinate input channels in D (ours; see Discriminator)
     d_saturation: bool = False          # a saturation (max - min of RGB) input channel in D (ours)
+    d_spectral_norm: bool = True        # spectral norm on every D layer (paper); false: use R1 (ours)
     g_text_stem: bool = False           # G's 4x4 stem reads the sentence too (ours; see Generator)
     g_coords: bool = False              # x/y coordinate channels in G's attention queries (ours)
     whiten_sentences: bool = False      # G and D read ZCA-whitened sentence embeddings (ours)
@@ -145,7 +146,8 @@ def generator_kwargs(cfg: TrainConfig) -> dict:
 
 def discriminator_kwargs(cfg: TrainConfig) -> dict:
     return dict(resolution=cfg.data.resolution, width=cfg.model.d_width, coords=cfg.model.d_coords,
-                whiten_sentence=cfg.model.whiten_sentences, saturation=cfg.model.d_saturation)
+                whiten_sentence=cfg.model.whiten_sentences, saturation=cfg.model.d_saturation,
+                spectral_norm=cfg.model.d_spectral_norm)
 
 
 # ---------------------------------------------------------------- presets
