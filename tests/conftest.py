@@ -62,6 +62,24 @@ def train_tiny_gan(out, cache, steps: int = 2) -> None:
         torch.set_num_threads(threads)
 
 
+def full_and_resumed_runs(tmp_path, *overrides) -> tuple:
+    """A tiny run of 4 steps straight through (``tmp_path/full``) and one stopped after step 2 and
+    resumed to 4 (``tmp_path/part``), with the same config ``overrides``: returns both
+    ``RunResult`` s and both runs' metrics records."""
+    from fastxmc.train import loop
+    from fastxmc.train.config import build_config
+    from fastxmc.train.logging import read_metrics
+
+    def tiny(out, steps):
+        return build_config("tiny", [("run.out", str(out)), ("run.quiet", "true"),
+                                     ("run.tensorboard", "false"), ("run.steps", str(steps)),
+                                     *overrides])
+    full = loop.train(tiny(tmp_path / "full", 4))
+    loop.train(tiny(tmp_path / "part", 2))
+    resumed = loop.train(tiny(tmp_path / "part", 4), resume=True)
+    return full, resumed, read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_INDUCTOR_CACHE:
         shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)

@@ -102,6 +102,8 @@ def test_bad_overrides_are_rejected(key, value, message):
     ("loss.r1_gamma", "-0.5", "loss.r1_gamma must be a number >= 0"),
     ("data.resolution", "4", "DataConfig.resolution must be in"),
     ("data.dataset", "coco", "DataConfig.path is required"),
+    ("optim.d_warmup_steps", "-1", "optim.d_warmup_steps must be an int >= 0"),
+    ("loss.class_target", "size", "--loss.class_target must be one of ['label', 'shape', 'color']"),
 ])
 def test_invalid_values_are_rejected(key, value, message):
     with pytest.raises(ValueError) as err:
@@ -192,3 +194,16 @@ def test_model_and_data_options_reach_the_networks_and_the_dataset():
     assert cfg.data.shapes_config().object_scale == 1.3 and cfg.data.label_groups == 2
     with pytest.raises(ValueError, match="shapes_object_scale.*object_scale must be in"):
         build_config("shapes", [("data.shapes_object_scale", "3.0")])
+
+
+def test_warmup_needs_a_real_image_term():
+    off = [("loss.sentence_weight", "0"), ("loss.word_weight", "0"), ("optim.d_warmup_steps", "5")]
+    with pytest.raises(ValueError, match="optim.d_warmup_steps > 0 trains D on its real-image terms"):
+        build_config("tiny", off)
+    assert build_config("tiny", off + [("loss.class_weight", "1")]).optim.d_warmup_steps == 5
+
+
+def test_attribute_class_targets_need_the_shapes_data(tmp_path):
+    with pytest.raises(ValueError, match="loss.class_target='shape' reads the shapes labels"):
+        build_config("tiny", [("data.dataset", "folder"), ("data.path", str(tmp_path)),
+                              ("loss.class_target", "shape")])

@@ -376,3 +376,18 @@ def test_dual_term_needs_a_pretrained_encoder(tmp_path):
     cfg.loss.dual_weight = 1.0
     with pytest.raises(ValueError, match="loss.dual_weight > 0 needs loss.dual_encoder"):
         validate(cfg)
+
+
+def test_real_image_terms_are_ds_terms_that_need_no_fakes():
+    """The warm-up's loss (optim.d_warmup_steps): D's sentence, word and class terms, with the
+    values discriminator_terms gives them, computed from real images alone."""
+    torch.manual_seed(4)
+    real, fake = _dout()._replace(classes=torch.randn(B, 4)), _dout()._replace(classes=torch.randn(B, 4))
+    labels = torch.tensor([1, 3, -1])
+    losses = XMCLossSet(LossConfig(class_weight=0.5))
+    v = Views(real, [fake], [_text()], None, class_labels=labels)
+    d, r = losses.discriminator_terms(v), losses.real_image_terms(v._replace(fakes=[]))
+    assert sorted(r) == ["d_class", "d_sentence", "d_word"] and sorted(d) == sorted([*r, "d_hinge"])
+    for name, value in r.items():
+        assert torch.equal(value, d[name]), name
+    assert sorted(XMCLossSet(LossConfig(word_weight=0)).real_image_terms(v)) == ["d_sentence"]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import full_and_resumed_runs
 from fastxmc.train import loop
 from fastxmc.train.config import LossConfig, build_config
 from fastxmc.train.distributed import DistEnv
@@ -180,12 +181,7 @@ def test_config_errors_name_the_option(tmp_path):
 def test_run_with_negatives_starts_near_chance_and_resumes_exactly(tmp_path):
     """The tiny preset (2 D steps per G step: the D-only step draws too), 64 negatives: at the
     start the sentence terms sit near chance, log(B + K) + log(B); resuming repeats the draws."""
-    neg = ("loss.text_negatives", "64")
-    full = loop.train(tiny(tmp_path / "full", ("run.steps", "4"), neg))
-    part = tmp_path / "part"
-    loop.train(tiny(part, ("run.steps", "2"), neg))
-    loop.train(tiny(part, ("run.steps", "4"), neg), resume=True)
-    a, b = read_metrics(tmp_path / "full"), read_metrics(part)
+    full, _, a, b = full_and_resumed_runs(tmp_path, ("loss.text_negatives", "64"))
     assert a[0]["d_sentence"] == pytest.approx(math.log(8 + 64) + math.log(8), abs=1.0)
     for ra, rb in zip(a, b):
         for key in ("loss_d", "loss_g", "d_sentence", "g_sentence"):

@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import full_and_resumed_runs
+
 from fastxmc.train import checkpoint as ckpt
 from fastxmc.train import loop
 from fastxmc.train.config import build_config
@@ -71,12 +73,8 @@ def test_tiny_run_writes_every_output(tmp_path):
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
-    full = loop.train(tiny(tmp_path / "full", ("run.steps", "4")))
-    part = tmp_path / "part"
-    loop.train(tiny(part, ("run.steps", "2")))
-    resumed = loop.train(tiny(part, ("run.steps", "4")), resume=True)
+    full, resumed, a, b = full_and_resumed_runs(tmp_path)
     assert resumed.step == 4
-    a, b = read_metrics(tmp_path / "full"), read_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         for key in LOSS_KEYS:
@@ -155,6 +153,59 @@ def test_d_only_step_leaves_g_untouched(tmp_path, cache, overrides):
     for key, value in run.nets.g.state_dict().items():
         assert torch.equal(value, g_state[key]), key  # parameters and BN statistics
     assert any(not torch.equal(p, b) for p, b in zip(run.nets.d.parameters(), d_before))
+
+
+def test_warmup_trains_d_on_real_images_only(tmp_path, cache):
+    """optim.d_warmup_steps: D alone, on its real-image terms; G, the noise stream and D's realness
+    head (no gradient: the hinge is not part of the warm-up) stay as they were, and the training
+    stream moves on by one batch per step."""
+    cfg = tiny(tmp_path, ("optim.d_warmup_steps", "3"), ("loss.class_weight", "1"),
+               ("loss.class_target", "shape"))
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    loader = loop.make_loader(cfg, env, progress=False)
+    nets = loop.build_networks(cfg, loader.text_dim, env.device, num_classes=loop.d_classes(cfg, loader))
+    losses = loop.build_losses(cfg, env, loop.autocast_factory("fp32", env.device))
+    z_gen = torch.Generator().manual_seed(0)
+    run = loop.Run(cfg, env, tmp_path, loader, nets, losses, z_gen,
+                   loop.autocast_factory("fp32", env.device), loader.text_dim)
+    g_state = {k: v.clone() for k, v in nets.g.state_dict().items()}
+    d_params = {k: v.detach().clone() for k, v in nets.d.named_parameters()}
+    z_state = z_gen.get_state()
+    stream = loop.batch_stream(loader)
+    batch = next(loop.batch_stream(loop.make_loader(cfg, env, progress=False)))
+    terms = loop.warmup_step(run, batch)
+    assert sorted(terms) == ["d_class", "d_sentence", "d_word"]
+    assert terms["d_class"].item() == pytest.approx(np.log(6), abs=0.5)
+
+    class Messages:
+        lines = []
+
+        def message(self, text):
+            self.lines.append(text)
+
+    loop.warm_up_discriminator(run, stream, Messages())
+    assert Messages.lines[0] == "D warm-up: 3 steps on real images (d_sentence, d_word, d_class)"
+    assert Messages.lines[-1].startswith("D warm-up 3/3: d_sentence ")
+    assert all(torch.equal(v, g_state[k]) for k, v in nets.g.state_dict().items())
+    assert torch.equal(z_gen.get_state(), z_state)
+    changed = {k for k, v in nets.d.named_parameters() if not torch.equal(v, d_params[k])}
+    assert any(k.startswith("classifier") for k in changed) and any("sentence" in k for k in changed)
+    assert not any(k.startswith("head.") for k in changed), changed   # the realness head
+    assert nets.opt_D.state_dict()["state"][0]["step"].item() == 4
+    assert loader.state_dict() != loop.make_loader(cfg, env, progress=False).state_dict()
+
+
+def test_warmup_run_resumes_exactly(tmp_path):
+    """The warm-up runs once, before step 1 of a fresh run; a resumed run continues from the
+    checkpoint (whose data position counts the warm-up's batches) with the losses of an
+    uninterrupted one."""
+    _, _, a, b = full_and_resumed_runs(tmp_path, ("optim.d_warmup_steps", "3"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in LOSS_KEYS:
+            assert ra[key] == rb[key], (ra["step"], key)
+    loop.train(tiny(tmp_path / "cold", ("run.steps", "1")))
+    assert read_metrics(tmp_path / "cold")[0]["d_sentence"] != a[0]["d_sentence"]
 
 
 def test_optimizers_and_precision_options():
@@ -256,6 +307,23 @@ def test_class_head_run_logs_its_terms_and_reloads(tmp_path):
     assert all(torch.equal(v, loaded.D.state_dict()[k]) for k, v in state["D"].items())
 
 
+@pytest.mark.parametrize("target, size", [("shape", 6), ("color", 8)])
+def test_class_head_on_one_shapes_attribute(tmp_path, target, size):
+    """loss.class_target: the head predicts the attribute the primary label encodes (label = shape
+    * 8 + colour), -1 (no label) stays -1; both terms start near log(size) and the head reloads."""
+    cfg = tiny(tmp_path / "run", ("run.steps", "2"), ("loss.class_weight", "1"),
+               ("loss.class_target", target))
+    labels = torch.tensor([-1, 0, 7, 8, 47])
+    want = {"shape": [-1, 0, 0, 1, 5], "color": [-1, 0, 7, 0, 7]}[target]
+    assert loop.class_targets(cfg, labels).tolist() == want
+    assert loop.class_targets(tiny(tmp_path), labels).tolist() == labels.tolist()
+    loop.train(cfg)
+    first = read_metrics(tmp_path / "run")[0]
+    for key in ("d_class", "g_class"):
+        assert first[key] == pytest.approx(np.log(size), abs=0.5), key
+    assert ckpt.load_run(tmp_path / "run", discriminator=True).D.num_classes == size
+
+
 def test_class_head_needs_labels(tmp_path):
     class Unlabelled:
         num_classes = 0
@@ -337,7 +405,7 @@ def test_torchrun_two_processes(tmp_path, cache):
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "fastxmc.train", "--preset",
          "tiny", "--steps", "3", "--out", str(out), "--global-negatives", "--supcon",
-         "--run.tensorboard=false", "--loss.text_negatives=32",
+         "--run.tensorboard=false", "--loss.text_negatives=32", "--optim.d_warmup_steps=2",
          "--quiet"],
         cwd=ROOT, env=subprocess_env(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -60,6 +60,10 @@ class OptimConfig:
     # N > 0: before every sample grid and checkpoint, G_ema's BN statistics are recomputed over N
     # batches of fixed captions and noise ("standing statistics"; see fastxmc.train.ema).
     ema_bn_batches: int = 0
+    # Ours: N steps of D alone on real images before the first G step of a fresh run, minimising its
+    # real-image terms (sentence, word, class; no hinge, no fakes), so that D reads what the captions
+    # name before G has to follow it (fastxmc.train.loop.warm_up_discriminator). 0: off (paper).
+    d_warmup_steps: int = 0
 
 
 @dataclass
@@ -76,6 +80,9 @@ class LossConfig:
     # class label of real images (d_class), G's fakes are scored against their image's label
     # (g_class), both cross-entropies weighted class_weight; needs class labels; 0: off.
     class_weight: float = 0.0
+    # What the class head predicts: "label" (the data's primary label) or, on the shapes data, one
+    # attribute of the primary object that the label encodes, "shape" (6-way) or "color" (8-way).
+    class_target: Literal["label", "shape", "color"] = "label"
     classifier_weight: float = 1.0      # C(f(real), f(fake)), only with image_classifier_weights
     image_classifier: Literal["resnet50", "vgg19", "dual"] = "resnet50"
     image_classifier_weights: str | None = None  # a torchvision state_dict file; dual: a pretrain run
@@ -347,6 +354,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(0 <= o.ema_decay <= 1, "optim.ema_decay", "in [0, 1]", o.ema_decay)
     _require(isinstance(o.ema_bn_batches, int) and not isinstance(o.ema_bn_batches, bool)
              and o.ema_bn_batches >= 0, "optim.ema_bn_batches", "an int >= 0", o.ema_bn_batches)
+    _require(_is_int(o.d_warmup_steps) and o.d_warmup_steps >= 0, "optim.d_warmup_steps",
+             "an int >= 0", o.d_warmup_steps)
+    if o.d_warmup_steps and not (loss.sentence_weight or loss.word_weight or loss.class_weight):
+        raise ValueError("optim.d_warmup_steps > 0 trains D on its real-image terms, and "
+                         "loss.sentence_weight, loss.word_weight and loss.class_weight are all 0")
     for name in ("dual_weight", "counterfactual_weight"):    # the terms scored in a dual encoder
         if getattr(loss, name) and loss.dual_encoder is None:
             raise ValueError(f"loss.{name} > 0 needs loss.dual_encoder: the run directory (or its "
@@ -366,6 +378,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                              f"describes every object), got data.dataset={cfg.data.dataset!r}")
         from fastxmc.train.counterfactual import parse_attributes
         parse_attributes(loss.counterfactual_attributes)
+    if loss.class_target != "label" and cfg.data.dataset != "shapes":
+        raise ValueError(f"loss.class_target={loss.class_target!r} reads the shapes labels; on "
+                         f"data.dataset={cfg.data.dataset!r} use loss.class_target=label")
     if loss.supcon and not cfg.data.two_captions:
         raise ValueError("loss.supcon needs data.two_captions=true (the two caption branches)")
     return cfg

@@ -112,6 +112,13 @@ class RunLogger:
         parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
         self.message(f"step {step}/{self.total_steps} {parts} eta {_format_seconds(eta)}")
 
+    def restart_clock(self) -> None:
+        """Measure the ETA from now: call it before the first step, after work such as D's warm-up."""
+        self._start = (self._start[0], time.perf_counter())
+        if self._bar is not None:
+            self._bar.reset(total=self.total_steps)
+            self._bar.update(self._start[0])
+
     def message(self, text: str) -> None:
         """A line on stderr (through the bar when there is one, so it is not garbled)."""
         if not self.enabled:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from fastxmc.data.loader import build_loader
+from fastxmc.data.shapes import ATTRIBUTE_VALUES, COLORS
 from fastxmc.models import Discriminator, Generator
 from fastxmc.train import checkpoint as ckpt
 from fastxmc.train.config import (TrainConfig, config_to_dict, discriminator_kwargs,
@@ -175,14 +176,27 @@ def build_networks(cfg: TrainConfig, text_dim: int, device: torch.device,
 
 
 def d_classes(cfg: TrainConfig, loader) -> int:
-    """The size of D's class head: the data's class count with ``loss.class_weight``, else 0."""
+    """The size of D's class head with ``loss.class_weight`` (else 0): the data's class count, or
+    the number of values of the shapes attribute ``loss.class_target`` names."""
     if not cfg.loss.class_weight:
         return 0
     if not loader.num_classes:
         raise ValueError(f"loss.class_weight > 0 needs class labels, and the {cfg.data.dataset} "
                          "training data has none (labels in captions.jsonl, COCO instances, CUB "
                          "species)")
-    return loader.num_classes
+    if cfg.loss.class_target == "label":
+        return loader.num_classes
+    return len(ATTRIBUTE_VALUES[cfg.loss.class_target])
+
+
+def class_targets(cfg: TrainConfig, labels: torch.Tensor) -> torch.Tensor:
+    """The class head's target of each primary label (-1, no label, stays -1): the label itself,
+    or the index of the shapes attribute it encodes (``label = shape * len(COLORS) + color``)."""
+    target = cfg.loss.class_target
+    if target == "label":
+        return labels
+    index = labels // len(COLORS) if target == "shape" else labels % len(COLORS)
+    return torch.where(labels < 0, labels, index)
 
 
 def wrap_networks(nets: Nets, cfg: TrainConfig, env: DistEnv) -> None:
@@ -344,12 +358,17 @@ def discriminate(D: nn.Module, real: torch.Tensor, fakes: torch.Tensor, texts: l
     """One D call on concat(real, fakes of every branch), each image with its own sentence;
     ``real_grad`` tracks the real images for the R1 penalty; ``negatives``, ``(sentences (K, E),
     label ids (K,))`` of other images' captions, go through D's sentence projection;
-    ``class_labels`` (the batch's primary labels) are passed on for D's class head."""
+    ``class_labels`` (the class head's targets) are passed on for D's class head. ``fakes=None``:
+    real images only (``Views.fakes`` is empty)."""
     if real_grad:
         real = real.detach().requires_grad_(True)
-    sentences = torch.cat([texts[0].sentence] + [t.sentence for t in texts])
-    out = D(torch.cat([real, fakes.to(real.dtype)]), sentences)
-    chunks = chunk_output(out, 1 + len(texts))
+    if fakes is None:   # real images only (the warm-up)
+        images, sentences = real, texts[0].sentence
+    else:
+        images = torch.cat([real, fakes.to(real.dtype)])
+        sentences = torch.cat([texts[0].sentence] + [t.sentence for t in texts])
+    out = D(images, sentences)
+    chunks = chunk_output(out, len(sentences) // len(real))
     extra = extra_labels = None
     if negatives is not None:
         # outside D's forward (a DDP wrapper sees the shared Linear's summed gradient all the same)
@@ -393,12 +412,57 @@ def discriminator_step(run: Run, batch: dict) -> torch.Tensor:
         fakes = generate(nets.g, z, texts)
     with run.autocast():
         views = discriminate(nets.D, batch["image"], fakes, texts, labels,
-                             run.losses.active("d_r1"), negatives, batch["label"])
+                             run.losses.active("d_r1"), negatives,
+                             class_targets(run.cfg, batch["label"]))
     loss = run.losses.total(run.losses.discriminator_terms(views))
     nets.opt_D.zero_grad(set_to_none=True)
     loss.backward()
     nets.opt_D.step()
     return loss.detach()
+
+
+def warmup_step(run: Run, batch: dict) -> dict:
+    """One supervised step of D alone on a batch of real images: its real-image terms
+    (:meth:`XMCLossSet.real_image_terms`); returns them, detached."""
+    texts = texts_of(batch, two=False)
+    negatives = None
+    if run.negatives is not None:
+        negatives = run.negatives.draw(batch["index"], batch["caption"], batch["label"])
+    with run.autocast():
+        views = discriminate(run.nets.D, batch["image"], None, texts, None, negatives=negatives,
+                             class_labels=class_targets(run.cfg, batch["label"]))
+    terms = run.losses.real_image_terms(views)
+    # D's realness logit gets no gradient here; the zero-weighted term keeps every parameter in the
+    # graph, as a DDP-wrapped D requires of each backward.
+    loss = run.losses.total(terms) + 0.0 * views.real.logits.sum()
+    run.nets.opt_D.zero_grad(set_to_none=True)
+    loss.backward()
+    run.nets.opt_D.step()
+    return {name: value.detach() for name, value in terms.items()}
+
+
+def warm_up_discriminator(run: Run, stream, logger: RunLogger) -> None:
+    """``optim.d_warmup_steps`` :func:`warmup_step` s before the first G step of a fresh run, with
+    the term means printed ten times; the batches come from the training stream (a checkpoint's data
+    position counts them). A non-finite term stops the run (no checkpoint has been written yet)."""
+    total = run.cfg.optim.d_warmup_steps
+    every = max(1, total // 10)
+    names = [name for name in ("d_sentence", "d_word", "d_class") if run.losses.active(name)]
+    logger.message(f"D warm-up: {total} steps on real images ({', '.join(names)})")
+    start, sums, count = time.perf_counter(), {}, 0
+    for k in range(1, total + 1):
+        (batch,), _ = fetch(stream, 1)
+        for name, value in warmup_step(run, batch).items():
+            sums[name] = sums.get(name, 0.0) + value
+        count += 1
+        if k % every == 0 or k == total:
+            means = {name: float(value) / count for name, value in sums.items()}
+            bad = [name for name, value in means.items() if not np.isfinite(value)]
+            if bad:
+                raise NonFiniteLossError(f"non-finite loss in D's warm-up step {k}: {', '.join(bad)}")
+            shown = " ".join(f"{name} {value:.3f}" for name, value in means.items())
+            logger.message(f"D warm-up {k}/{total}: {shown} ({time.perf_counter() - start:.0f} s)")
+            sums, count = {}, 0
 
 
 class JointForward(NamedTuple):
@@ -414,7 +478,8 @@ def joint_forward(run: Run, batch: dict) -> JointForward:
     with run.autocast():
         fakes = generate(run.nets.G, z, texts)
         views = discriminate(run.nets.D, batch["image"], fakes, texts, labels,
-                             run.losses.active("d_r1"), negatives, batch["label"])
+                             run.losses.active("d_r1"), negatives,
+                             class_targets(run.cfg, batch["label"]))
     d_terms = run.losses.discriminator_terms(views)
     captions = [batch["caption"]] + ([batch["caption_b"]] if len(texts) > 1 else [])
     g_terms = run.losses.generator_terms(views, batch["image"], list(fakes.chunk(len(texts))),
@@ -565,6 +630,9 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
     nets.G.train()
     nets.D.train()
     try:
+        if start == 0 and cfg.optim.d_warmup_steps:
+            warm_up_discriminator(run, stream, logger)
+            logger.restart_clock()
         for step in range(start + 1, r.steps + 1):
             # ---- data
             batches, wait = fetch(stream, d_steps)

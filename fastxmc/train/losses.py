@@ -306,17 +306,22 @@ class XMCLossSet:
     # ------------------------------------------------------------------ D
     def discriminator_terms(self, v: Views) -> dict:
         fake_logits = torch.cat([f.logits for f in v.fakes])
-        terms = {"d_hinge": hinge_d(v.real.logits, fake_logits)}
-        text = v.texts[0]
-        if self.active("d_sentence"):
-            terms["d_sentence"] = self._sentence(v.real.features, v.real.sentence, v.labels, v)
-        if self.active("d_word"):
-            terms["d_word"] = self._word(v.real.regions, text)
+        terms = {"d_hinge": hinge_d(v.real.logits, fake_logits), **self.real_image_terms(v)}
         if self.active("d_supcon_text"):
             sentences = torch.cat([v.real.sentence] + [f.sentence for f in v.fakes[1:]])
             terms["d_supcon_text"] = self._supcon(sentences, v.labels, len(v.fakes))
         if self.active("d_r1"):
             terms["d_r1"] = r1_penalty(v.real.logits, v.real_images)
+        return terms
+
+    def real_image_terms(self, v: Views) -> dict:
+        """D's terms that read real images and their captions only (sentence, word, class): its
+        whole loss in the supervised warm-up (``optim.d_warmup_steps``), where ``v.fakes`` is empty."""
+        terms = {}
+        if self.active("d_sentence"):
+            terms["d_sentence"] = self._sentence(v.real.features, v.real.sentence, v.labels, v)
+        if self.active("d_word"):
+            terms["d_word"] = self._word(v.real.regions, v.texts[0])
         if self.active("d_class"):
             terms["d_class"] = class_loss(v.real.classes, self._class_labels(v))
         return terms
