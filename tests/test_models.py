@@ -3,6 +3,8 @@
 Forward/backward tests use tiny widths; the full-size models are only built on the meta device to
 count their parameters.
 """
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,6 +192,35 @@ def test_saturation_channel_comes_before_the_coordinates():
     for block in D.blocks:
         h = block(h)
     torch.testing.assert_close(out.features, F.relu(h).sum(dim=(2, 3)))
+
+
+def test_input_scale_runs_the_twice_larger_architecture_on_the_enlarged_input():
+    """input_scale=2: a 32px D is the 64px D (same parameters, same outputs) applied to the input
+    enlarged 2x (bilinear); it still takes 32px images and gives 16x16 regions."""
+    torch.manual_seed(0)
+    D = Discriminator(32, TEXT_DIM, width=WIDTH, coords=True, saturation=True, input_scale=2).eval()
+    big = Discriminator(64, TEXT_DIM, width=WIDTH, coords=True, saturation=True).eval()
+    assert count_parameters(D) == count_parameters(big) and len(D.blocks) == 5
+    big.load_state_dict(D.state_dict())
+    images, sentence = torch.rand(2, 3, 32, 32), _text(batch=2)[0]
+    out = D(images, sentence)
+    want = big(F.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False), sentence)
+    for got, expected in zip(out, want):
+        if got is not None:
+            torch.testing.assert_close(got, expected)
+    assert out.regions.shape == (2, 256, TEXT_DIM)
+    with pytest.raises(ValueError, match=r"images must have shape \(N, 3, 32, 32\)"):
+        D(torch.rand(2, 3, 64, 64), sentence)
+
+
+@pytest.mark.parametrize("resolution, scale, message", [
+    (32, 3, "input_scale must be 1 or 2, got 3"),
+    (32, True, "input_scale must be 1 or 2, got True"),
+    (256, 2, "input_scale=2 needs a D architecture for 512px; resolution 256 has none"),
+])
+def test_input_scale_errors(resolution, scale, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Discriminator(resolution, TEXT_DIM, width=WIDTH, input_scale=scale)
 
 
 def test_region_features_come_from_the_16x16_map_in_row_major_order():

@@ -103,6 +103,7 @@ def test_bad_overrides_are_rejected(key, value, message):
     ("data.resolution", "4", "DataConfig.resolution must be in"),
     ("data.dataset", "coco", "DataConfig.path is required"),
     ("optim.d_warmup_steps", "-1", "optim.d_warmup_steps must be an int >= 0"),
+    ("model.d_input_scale", "3", "model.d_input_scale must be 1 or 2, got 3"),
     ("loss.class_target", "size", "--loss.class_target must be one of ['label', 'shape', 'color']"),
 ])
 def test_invalid_values_are_rejected(key, value, message):
@@ -189,8 +190,11 @@ def test_model_and_data_options_reach_the_networks_and_the_dataset():
     from fastxmc.train.config import discriminator_kwargs, generator_kwargs
 
     cfg = build_config("shapes", [("model.g_text_stem", "true"), ("data.shapes_object_scale", "1.3"),
-                                  ("data.label_groups", "2")])
+                                  ("data.label_groups", "2"), ("model.d_input_scale", "2")])
     assert generator_kwargs(cfg)["text_stem"] is True and discriminator_kwargs(cfg)["coords"] is True
+    assert discriminator_kwargs(cfg)["input_scale"] == 2
+    with pytest.raises(ValueError, match="model.d_input_scale must be 1 at resolution 256"):
+        build_config("shapes", [("data.resolution", "256"), ("model.d_input_scale", "2")])
     assert cfg.data.shapes_config().object_scale == 1.3 and cfg.data.label_groups == 2
     with pytest.raises(ValueError, match="shapes_object_scale.*object_scale must be in"):
         build_config("shapes", [("data.shapes_object_scale", "3.0")])

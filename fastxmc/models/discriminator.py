@@ -34,6 +34,13 @@ regularising it with the R1 penalty instead (``loss.r1_gamma``): in the measurem
 norm alone cut the shape accuracy from 0.73 to 0.30, and a larger learning rate (5e-4) did not make
 up for it (0.19).
 
+``input_scale=2`` (ours, 1 by default) enlarges the input 2x (bilinear) and runs the architecture of
+twice the resolution on it (a 32px D becomes the 64px one: one more block, regions still 16x16). The
+first block pools by 2 right after its two convolutions, and on the 32px shapes data a small object
+is ~7 pixels across; enlarged, the first block sees it at twice the size. Measured as a plain 6-way
+shape classifier as above, with spectral norm and the saturation channel: shape accuracy 0.95 by
+step 2000 (0.40 at 1500) against 0.64 by step 2250 without the enlargement.
+
 ``num_classes=C`` (ours, 0 by default) adds an auxiliary classifier, ``Linear(16w -> C)(p)`` (spectral
 norm like every layer), whose logits are the ``classes`` field of the output: AC-GAN's label head
 (Odena et al. 2017), trained on real images' class labels (``loss.class_weight``).
@@ -90,14 +97,20 @@ class Discriminator(nn.Module):
         width: base channel width df (96; smaller for the CPU presets).
         coords: append x/y coordinate channels to the input (see the module docstring).
         whiten_sentence: read the sentence through a :class:`SentenceWhitening` (as the Generator).
+        num_classes, saturation, spectral_norm, input_scale: see the module docstring.
     """
 
     def __init__(self, resolution: int, text_dim: int, width: int = 96, *, coords: bool = False,
                  whiten_sentence: bool = False, num_classes: int = 0, saturation: bool = False,
-                 spectral_norm: bool = True):
+                 spectral_norm: bool = True, input_scale: int = 1):
         super().__init__()
         if resolution not in D_ARCHITECTURES:
             raise ValueError(f"resolution must be one of {sorted(D_ARCHITECTURES)}, got {resolution!r}")
+        if input_scale not in (1, 2) or isinstance(input_scale, bool):
+            raise ValueError(f"input_scale must be 1 or 2, got {input_scale!r}")
+        if resolution * input_scale not in D_ARCHITECTURES:
+            raise ValueError(f"input_scale={input_scale} needs a D architecture for "
+                             f"{resolution * input_scale}px; resolution {resolution} has none")
         for name, value in (("text_dim", text_dim), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -105,9 +118,11 @@ class Discriminator(nn.Module):
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes, self.saturation = num_classes, bool(saturation)
         self.resolution, self.text_dim, self.width, self.coords = resolution, text_dim, width, bool(coords)
+        self.input_scale = input_scale
+        architecture = resolution * input_scale
         self.blocks, self.region_block, region_channels = _build_blocks(
-            resolution, width, 3 + self.saturation + 2 * self.coords)
-        feature_dim = D_ARCHITECTURES[resolution][1][-1][0] * width
+            architecture, width, 3 + self.saturation + 2 * self.coords)
+        feature_dim = D_ARCHITECTURES[architecture][1][-1][0] * width
         self.feature_dim = feature_dim
         self.head = nn.Linear(feature_dim, 1)
         self.whitening = SentenceWhitening(text_dim) if whiten_sentence else None
@@ -146,6 +161,9 @@ class Discriminator(nn.Module):
         and, with ``num_classes``, class logits (N, C).
         """
         self._check_inputs(images, sentence)
+        if self.input_scale != 1:
+            images = F.interpolate(images, scale_factor=self.input_scale, mode="bilinear",
+                                   align_corners=False)
         h = with_saturation(images) if self.saturation else images
         h = with_coordinates(h) if self.coords else h
         for index, block in enumerate(self.blocks):

@@ -41,6 +41,8 @@ class ModelConfig:
     d_coords: bool = False              # x/y coordinate input channels in D (ours; see Discriminator)
     d_saturation: bool = False          # a saturation (max - min of RGB) input channel in D (ours)
     d_spectral_norm: bool = True        # spectral norm on every D layer (paper); false: use R1 (ours)
+    d_input_scale: int = 1              # 2: D reads its input enlarged 2x, with the 2x-resolution
+                                        # architecture (ours; see Discriminator)
     g_text_stem: bool = False           # G's 4x4 stem reads the sentence too (ours; see Generator)
     g_coords: bool = False              # x/y coordinate channels in G's attention queries (ours)
     whiten_sentences: bool = False      # G and D read ZCA-whitened sentence embeddings (ours)
@@ -154,7 +156,7 @@ def generator_kwargs(cfg: TrainConfig) -> dict:
 def discriminator_kwargs(cfg: TrainConfig) -> dict:
     return dict(resolution=cfg.data.resolution, width=cfg.model.d_width, coords=cfg.model.d_coords,
                 whiten_sentence=cfg.model.whiten_sentences, saturation=cfg.model.d_saturation,
-                spectral_norm=cfg.model.d_spectral_norm)
+                spectral_norm=cfg.model.d_spectral_norm, input_scale=cfg.model.d_input_scale)
 
 
 # ---------------------------------------------------------------- presets
@@ -354,6 +356,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(0 <= o.ema_decay <= 1, "optim.ema_decay", "in [0, 1]", o.ema_decay)
     _require(isinstance(o.ema_bn_batches, int) and not isinstance(o.ema_bn_batches, bool)
              and o.ema_bn_batches >= 0, "optim.ema_bn_batches", "an int >= 0", o.ema_bn_batches)
+    _require(m.d_input_scale in (1, 2) and _is_int(m.d_input_scale), "model.d_input_scale",
+             "1 or 2", m.d_input_scale)
+    _require(m.d_input_scale == 1 or cfg.data.resolution <= 128, "model.d_input_scale",
+             "1 at resolution 256 (D has no 512px architecture)", m.d_input_scale)
     _require(_is_int(o.d_warmup_steps) and o.d_warmup_steps >= 0, "optim.d_warmup_steps",
              "an int >= 0", o.d_warmup_steps)
     if o.d_warmup_steps and not (loss.sentence_weight or loss.word_weight or loss.class_weight):
