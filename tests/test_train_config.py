@@ -207,6 +207,18 @@ def test_warmup_needs_a_real_image_term():
     assert build_config("tiny", off + [("loss.class_weight", "1")]).optim.d_warmup_steps == 5
 
 
+def test_warmup_terms_are_checked_against_the_loss_weights():
+    from fastxmc.train.config import warmup_terms
+
+    assert warmup_terms(build_config("tiny")) == ("d_sentence", "d_word")
+    cfg = build_config("tiny", [("loss.class_weight", "1"), ("optim.d_warmup_terms", "class+sentence")])
+    assert warmup_terms(cfg) == ("d_sentence", "d_class")
+    for terms, message in (("class", "names 'class', which loss.class_weight=0 switches off"),
+                           ("shape", r"optim.d_warmup_terms must be 'real' or a '\+'-joined subset")):
+        with pytest.raises(ValueError, match=message):
+            build_config("tiny", [("optim.d_warmup_steps", "5"), ("optim.d_warmup_terms", terms)])
+
+
 def test_attribute_class_targets_need_the_shapes_data(tmp_path):
     with pytest.raises(ValueError, match="loss.class_target='shape' reads the shapes labels"):
         build_config("tiny", [("data.dataset", "folder"), ("data.path", str(tmp_path)),

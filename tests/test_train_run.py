@@ -112,10 +112,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
 
 
-def _manual_run(cfg, cache) -> loop.Run:
+def _manual_run(cfg, cache, num_classes: int = 0) -> loop.Run:
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     loader = loop.make_loader(cfg, env, progress=False)
-    nets = loop.build_networks(cfg, loader.text_dim, env.device)
+    nets = loop.build_networks(cfg, loader.text_dim, env.device, num_classes=num_classes)
     losses = loop.build_losses(cfg, env, loop.autocast_factory("fp32", env.device))
     return loop.Run(cfg, env, Path(cfg.run.out), loader, nets, losses,
                     torch.Generator().manual_seed(0), loop.autocast_factory("fp32", env.device),
@@ -193,6 +193,20 @@ def test_warmup_trains_d_on_real_images_only(tmp_path, cache):
     assert not any(k.startswith("head.") for k in changed), changed   # the realness head
     assert nets.opt_D.state_dict()["state"][0]["step"].item() == 4
     assert loader.state_dict() != loop.make_loader(cfg, env, progress=False).state_dict()
+
+
+def test_class_only_warmup_leaves_the_contrastive_heads_alone(tmp_path, cache):
+    """optim.d_warmup_terms=class: only the class term is trained; D's sentence projection, word
+    conv and realness head keep their initial weights."""
+    cfg = tiny(tmp_path, ("optim.d_warmup_steps", "2"), ("optim.d_warmup_terms", "class"),
+               ("loss.class_weight", "1"))
+    run = _manual_run(cfg, cache, num_classes=48)
+    before = {k: v.detach().clone() for k, v in run.nets.d.named_parameters()}
+    terms = loop.warmup_step(run, next(iter(run.loader)))
+    assert list(terms) == ["d_class"]
+    changed = {k.split(".")[0] for k, v in run.nets.d.named_parameters() if not torch.equal(v, before[k])}
+    assert {"classifier", "blocks"} <= changed
+    assert not changed & {"head", "sentence_proj", "region_proj"}, changed
 
 
 def test_warmup_run_resumes_exactly(tmp_path):
@@ -406,6 +420,7 @@ def test_torchrun_two_processes(tmp_path, cache):
         [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "fastxmc.train", "--preset",
          "tiny", "--steps", "3", "--out", str(out), "--global-negatives", "--supcon",
          "--run.tensorboard=false", "--loss.text_negatives=32", "--optim.d_warmup_steps=2",
+         "--optim.d_warmup_terms=sentence",
          "--quiet"],
         cwd=ROOT, env=subprocess_env(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

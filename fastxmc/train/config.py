@@ -66,6 +66,9 @@ class OptimConfig:
     # real-image terms (sentence, word, class; no hinge, no fakes), so that D reads what the captions
     # name before G has to follow it (fastxmc.train.loop.warm_up_discriminator). 0: off (paper).
     d_warmup_steps: int = 0
+    # The warm-up's terms: "real" (every active one of them), or a '+'-joined subset of sentence,
+    # word, class, e.g. "class": the class head alone (D's contrastive heads start with the GAN).
+    d_warmup_terms: str = "real"
 
 
 @dataclass
@@ -362,9 +365,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              "1 at resolution 256 (D has no 512px architecture)", m.d_input_scale)
     _require(_is_int(o.d_warmup_steps) and o.d_warmup_steps >= 0, "optim.d_warmup_steps",
              "an int >= 0", o.d_warmup_steps)
-    if o.d_warmup_steps and not (loss.sentence_weight or loss.word_weight or loss.class_weight):
-        raise ValueError("optim.d_warmup_steps > 0 trains D on its real-image terms, and "
-                         "loss.sentence_weight, loss.word_weight and loss.class_weight are all 0")
+    if o.d_warmup_steps:
+        warmup_terms(cfg)
     for name in ("dual_weight", "counterfactual_weight"):    # the terms scored in a dual encoder
         if getattr(loss, name) and loss.dual_encoder is None:
             raise ValueError(f"loss.{name} > 0 needs loss.dual_encoder: the run directory (or its "
@@ -390,6 +392,30 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if loss.supcon and not cfg.data.two_captions:
         raise ValueError("loss.supcon needs data.two_captions=true (the two caption branches)")
     return cfg
+
+
+WARMUP_TERM_WEIGHTS = {"sentence": "sentence_weight", "word": "word_weight", "class": "class_weight"}
+
+
+def warmup_terms(cfg: TrainConfig) -> tuple:
+    """The loss terms of D's warm-up (``optim.d_warmup_terms``), e.g. ``("d_class",)``; errors name
+    the option when a term is unknown or switched off, or when none is left."""
+    text, loss = cfg.optim.d_warmup_terms, cfg.loss
+    if text == "real":
+        names = [n for n, weight in WARMUP_TERM_WEIGHTS.items() if getattr(loss, weight)]
+        if not names:
+            raise ValueError("optim.d_warmup_steps > 0 trains D on its real-image terms, and "
+                             "loss.sentence_weight, loss.word_weight and loss.class_weight are all 0")
+        return tuple(f"d_{n}" for n in names)
+    names = [n.strip() for n in text.split("+")]
+    for name in names:
+        if name not in WARMUP_TERM_WEIGHTS:
+            raise ValueError(f"optim.d_warmup_terms must be 'real' or a '+'-joined subset of "
+                             f"{list(WARMUP_TERM_WEIGHTS)}, got {text!r}")
+        if not getattr(loss, WARMUP_TERM_WEIGHTS[name]):
+            raise ValueError(f"optim.d_warmup_terms names {name!r}, which "
+                             f"loss.{WARMUP_TERM_WEIGHTS[name]}=0 switches off")
+    return tuple(f"d_{n}" for n in WARMUP_TERM_WEIGHTS if n in names)
 
 
 # ---------------------------------------------------------------- building and (de)serialising

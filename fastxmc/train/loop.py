@@ -46,7 +46,7 @@ from fastxmc.data.shapes import ATTRIBUTE_VALUES, COLORS
 from fastxmc.models import Discriminator, Generator
 from fastxmc.train import checkpoint as ckpt
 from fastxmc.train.config import (TrainConfig, config_to_dict, discriminator_kwargs,
-                                  generator_kwargs, write_config)
+                                  generator_kwargs, warmup_terms, write_config)
 from fastxmc.train.counterfactual import build_counterfactual_term
 from fastxmc.train.negatives import CaptionNegatives, build_negatives
 from fastxmc.train.distributed import (DistEnv, any_rank, barrier, gather_objects, init_distributed,
@@ -422,8 +422,8 @@ def discriminator_step(run: Run, batch: dict) -> torch.Tensor:
 
 
 def warmup_step(run: Run, batch: dict) -> dict:
-    """One supervised step of D alone on a batch of real images: its real-image terms
-    (:meth:`XMCLossSet.real_image_terms`); returns them, detached."""
+    """One supervised step of D alone on a batch of real images: the real-image terms that
+    ``optim.d_warmup_terms`` names (:meth:`XMCLossSet.real_image_terms`); returns them, detached."""
     texts = texts_of(batch, two=False)
     negatives = None
     if run.negatives is not None:
@@ -431,10 +431,12 @@ def warmup_step(run: Run, batch: dict) -> dict:
     with run.autocast():
         views = discriminate(run.nets.D, batch["image"], None, texts, None, negatives=negatives,
                              class_labels=class_targets(run.cfg, batch["label"]))
-    terms = run.losses.real_image_terms(views)
-    # D's realness logit gets no gradient here; the zero-weighted term keeps every parameter in the
-    # graph, as a DDP-wrapped D requires of each backward.
-    loss = run.losses.total(terms) + 0.0 * views.real.logits.sum()
+    terms = run.losses.real_image_terms(views, warmup_terms(run.cfg))
+    # D's realness logit (and, with a subset of the terms, other heads) gets no gradient here; the
+    # zero-weighted sum of every output keeps all parameters in the graph, as a DDP-wrapped D
+    # requires of each backward.
+    untouched = sum(output.sum() for output in views.real if output is not None)
+    loss = run.losses.total(terms) + 0.0 * untouched
     run.nets.opt_D.zero_grad(set_to_none=True)
     loss.backward()
     run.nets.opt_D.step()
@@ -447,7 +449,7 @@ def warm_up_discriminator(run: Run, stream, logger: RunLogger) -> None:
     position counts them). A non-finite term stops the run (no checkpoint has been written yet)."""
     total = run.cfg.optim.d_warmup_steps
     every = max(1, total // 10)
-    names = [name for name in ("d_sentence", "d_word", "d_class") if run.losses.active(name)]
+    names = warmup_terms(run.cfg)
     logger.message(f"D warm-up: {total} steps on real images ({', '.join(names)})")
     start, sums, count = time.perf_counter(), {}, 0
     for k in range(1, total + 1):

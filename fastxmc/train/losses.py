@@ -57,6 +57,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # data, the image-text representation of the two-phase recipe (xmcgan.md section 7); for data where
 # no ImageNet weights can be had, or where an ImageNet classifier's features say little (shapes).
 CLASSIFIER_ARCHS = ("resnet50", "vgg19", "dual")
+# D's terms that need no fakes (XMCLossSet.real_image_terms), in their logging order.
+REAL_IMAGE_TERMS = ("d_sentence", "d_word", "d_class")
 
 
 class Text(NamedTuple):
@@ -314,15 +316,16 @@ class XMCLossSet:
             terms["d_r1"] = r1_penalty(v.real.logits, v.real_images)
         return terms
 
-    def real_image_terms(self, v: Views) -> dict:
-        """D's terms that read real images and their captions only (sentence, word, class): its
-        whole loss in the supervised warm-up (``optim.d_warmup_steps``), where ``v.fakes`` is empty."""
+    def real_image_terms(self, v: Views, names=REAL_IMAGE_TERMS) -> dict:
+        """D's terms that read real images and their captions only (sentence, word, class), those
+        of ``names`` that are active: its whole loss in the supervised warm-up
+        (``optim.d_warmup_steps``), where ``v.fakes`` is empty."""
         terms = {}
-        if self.active("d_sentence"):
+        if "d_sentence" in names and self.active("d_sentence"):
             terms["d_sentence"] = self._sentence(v.real.features, v.real.sentence, v.labels, v)
-        if self.active("d_word"):
+        if "d_word" in names and self.active("d_word"):
             terms["d_word"] = self._word(v.real.regions, v.texts[0])
-        if self.active("d_class"):
+        if "d_class" in names and self.active("d_class"):
             terms["d_class"] = class_loss(v.real.classes, self._class_labels(v))
         return terms
 
