@@ -104,6 +104,8 @@ def test_bad_overrides_are_rejected(key, value, message):
     ("data.dataset", "coco", "DataConfig.path is required"),
     ("optim.d_warmup_steps", "-1", "optim.d_warmup_steps must be an int >= 0"),
     ("model.d_input_scale", "3", "model.d_input_scale must be 1 or 2, got 3"),
+    ("loss.g_class_weight", "1", "loss.g_class_weight > 0 scores G's fakes with D's class head"),
+    ("loss.g_class_weight", "-1", "loss.g_class_weight must be a number >= 0"),
     ("loss.class_target", "size", "--loss.class_target must be one of ['label', 'shape', 'color']"),
 ])
 def test_invalid_values_are_rejected(key, value, message):

@@ -391,3 +391,14 @@ def test_real_image_terms_are_ds_terms_that_need_no_fakes():
     for name, value in r.items():
         assert torch.equal(value, d[name]), name
     assert sorted(XMCLossSet(LossConfig(word_weight=0)).real_image_terms(v)) == ["d_sentence"]
+
+
+def test_g_class_weight_sets_gs_class_term_alone():
+    """loss.g_class_weight: G's weight on its class term (None: loss.class_weight; 0: not computed)."""
+    real = _dout()._replace(classes=torch.randn(B, 4))
+    v = Views(real, [_dout()._replace(classes=torch.randn(B, 4))], [_text()], None,
+              class_labels=torch.tensor([0, 1, 2]))
+    apart = XMCLossSet(LossConfig(class_weight=0.5, g_class_weight=0.1))
+    assert apart.weights["d_class"] == 0.5 and apart.weights["g_class"] == 0.1
+    off = XMCLossSet(LossConfig(class_weight=0.5, g_class_weight=0.0))
+    assert "g_class" not in off.generator_terms(v) and "d_class" in off.discriminator_terms(v)

@@ -85,6 +85,9 @@ class LossConfig:
     # class label of real images (d_class), G's fakes are scored against their image's label
     # (g_class), both cross-entropies weighted class_weight; needs class labels; 0: off.
     class_weight: float = 0.0
+    # The weight of G's term alone (g_class); None: class_weight. 0: D learns the labels and G
+    # follows them only through what D's shared features give the other terms.
+    g_class_weight: float | None = None
     # What the class head predicts: "label" (the data's primary label) or, on the shapes data, one
     # attribute of the primary object that the label encodes, "shape" (6-way) or "color" (8-way).
     class_target: Literal["label", "shape", "color"] = "label"
@@ -363,6 +366,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              "1 or 2", m.d_input_scale)
     _require(m.d_input_scale == 1 or cfg.data.resolution <= 128, "model.d_input_scale",
              "1 at resolution 256 (D has no 512px architecture)", m.d_input_scale)
+    if loss.g_class_weight is not None:
+        _require(isinstance(loss.g_class_weight, (int, float)) and loss.g_class_weight >= 0,
+                 "loss.g_class_weight", "a number >= 0 (or none: loss.class_weight)",
+                 loss.g_class_weight)
+        if loss.g_class_weight and not loss.class_weight:
+            raise ValueError("loss.g_class_weight > 0 scores G's fakes with D's class head, which "
+                             "needs loss.class_weight > 0")
     _require(_is_int(o.d_warmup_steps) and o.d_warmup_steps >= 0, "optim.d_warmup_steps",
              "an int >= 0", o.d_warmup_steps)
     if o.d_warmup_steps:

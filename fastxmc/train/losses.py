@@ -25,7 +25,8 @@ Conventions (xmcgan.md sections 5 and 7):
   batch's 16 (on the shapes data: the shape; measured at 2500 steps, D still did not learn it).
 * Ours, off by default: ``loss.class_weight=W`` adds AC-GAN's label head: ``W CE(D_cls(real), y)``
   to D's loss and ``W CE(D_cls(fake), y)`` (mean over branches) to G's, ``y`` the image's primary
-  label; rows without a label are left out (:func:`class_loss`).
+  label; rows without a label are left out (:func:`class_loss`). ``loss.g_class_weight`` sets
+  G's weight alone (0: G's term is not computed).
 * Label-guided extension (``loss.supcon``): every sample carries two captions (branches a and b); G
   runs on both with the same z. Labels of -1 (none) become one unique id per sample, shared by its two
   branches, so such a sample's only positives are its own pairs. Then
@@ -287,7 +288,10 @@ class XMCLossSet:
         if cfg.r1_gamma:
             self.weights["d_r1"] = cfg.r1_gamma / 2.0
         if cfg.class_weight:
-            self.weights["d_class"] = self.weights["g_class"] = cfg.class_weight
+            self.weights["d_class"] = cfg.class_weight
+            g_weight = cfg.class_weight if cfg.g_class_weight is None else cfg.g_class_weight
+            if g_weight:
+                self.weights["g_class"] = g_weight
         if classifier is not None:
             self.weights["g_classifier"] = cfg.classifier_weight
         if dual is not None:
