@@ -161,13 +161,8 @@ def test_warmup_trains_d_on_real_images_only(tmp_path, cache):
     stream moves on by one batch per step."""
     cfg = tiny(tmp_path, ("optim.d_warmup_steps", "3"), ("loss.class_weight", "1"),
                ("loss.class_target", "shape"))
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
-    loader = loop.make_loader(cfg, env, progress=False)
-    nets = loop.build_networks(cfg, loader.text_dim, env.device, num_classes=loop.d_classes(cfg, loader))
-    losses = loop.build_losses(cfg, env, loop.autocast_factory("fp32", env.device))
-    z_gen = torch.Generator().manual_seed(0)
-    run = loop.Run(cfg, env, tmp_path, loader, nets, losses, z_gen,
-                   loop.autocast_factory("fp32", env.device), loader.text_dim)
+    run = _manual_run(cfg, cache, num_classes=6)
+    env, loader, nets, z_gen = run.env, run.loader, run.nets, run.z_gen
     g_state = {k: v.clone() for k, v in nets.g.state_dict().items()}
     d_params = {k: v.detach().clone() for k, v in nets.d.named_parameters()}
     z_state = z_gen.get_state()

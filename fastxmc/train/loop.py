@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from fastxmc.data.loader import build_loader
-from fastxmc.data.shapes import ATTRIBUTE_VALUES, COLORS
+from fastxmc.data.shapes import ATTRIBUTE_VALUES, decode_label
 from fastxmc.models import Discriminator, Generator
 from fastxmc.train import checkpoint as ckpt
 from fastxmc.train.config import (TrainConfig, config_to_dict, discriminator_kwargs,
@@ -191,12 +191,11 @@ def d_classes(cfg: TrainConfig, loader) -> int:
 
 def class_targets(cfg: TrainConfig, labels: torch.Tensor) -> torch.Tensor:
     """The class head's target of each primary label (-1, no label, stays -1): the label itself,
-    or the index of the shapes attribute it encodes (``label = shape * len(COLORS) + color``)."""
+    or the index of the shapes attribute it encodes (:func:`fastxmc.data.shapes.decode_label`)."""
     target = cfg.loss.class_target
     if target == "label":
         return labels
-    index = labels // len(COLORS) if target == "shape" else labels % len(COLORS)
-    return torch.where(labels < 0, labels, index)
+    return torch.where(labels < 0, labels, decode_label(labels, target))
 
 
 def wrap_networks(nets: Nets, cfg: TrainConfig, env: DistEnv) -> None:
@@ -453,8 +452,7 @@ def warm_up_discriminator(run: Run, stream, logger: RunLogger) -> None:
     logger.message(f"D warm-up: {total} steps on real images ({', '.join(names)})")
     start, sums, count = time.perf_counter(), {}, 0
     for k in range(1, total + 1):
-        (batch,), _ = fetch(stream, 1)
-        for name, value in warmup_step(run, batch).items():
+        for name, value in warmup_step(run, next(stream)).items():
             sums[name] = sums.get(name, 0.0) + value
         count += 1
         if k % every == 0 or k == total:
