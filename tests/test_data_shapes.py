@@ -310,6 +310,23 @@ def test_object_scale_enlarges_the_objects_and_keeps_everything_else():
             dataclasses.replace(base, object_scale=bad)
 
 
+def test_named_positions_read_the_longest_phrase():
+    named = shapes.named_positions
+    assert named("a small red circle at the top left") == {"top left"}
+    assert named("a red circle at the top") == {"top"}
+    assert named("a blue star at the top center") == {"top"}
+    assert named("a green square in the top left corner") == {"top left"}
+    assert named("a cyan cross at the top, a red star on the right") == {"top", "right"}
+    assert named("a red square above a blue circle") == frozenset()
+    # Two-object captions: the positions named are exactly those of the objects whose phrase the
+    # generator wrote, never a shorter phrase's position inside a longer one.
+    cfg = ShapesConfig(resolution=32, n_train=60, n_val=0, max_objects=2, two_object_prob=1.0)
+    for i in range(60):
+        objects = generate_sample(sample_rng(cfg, "train", i), cfg).attributes["objects"]
+        for caption in generate_sample(sample_rng(cfg, "train", i), cfg).captions:
+            assert named(caption) <= {o["position"] for o in objects}, caption
+
+
 def test_named_attributes_follow_the_caption_words():
     named = shapes.named_attributes
     assert named("a small red circle at the top left") == {"shape", "color", "size", "position"}

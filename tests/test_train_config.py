@@ -106,7 +106,6 @@ def test_bad_overrides_are_rejected(key, value, message):
     ("model.d_input_scale", "3", "model.d_input_scale must be 1 or 2, got 3"),
     ("loss.g_class_weight", "1", "loss.g_class_weight > 0 scores G's fakes with D's class head"),
     ("loss.g_class_weight", "-1", "loss.g_class_weight must be a number >= 0"),
-    ("loss.class_target", "size", "--loss.class_target must be one of ['label', 'shape', 'color']"),
 ])
 def test_invalid_values_are_rejected(key, value, message):
     with pytest.raises(ValueError) as err:
@@ -222,6 +221,18 @@ def test_warmup_terms_are_checked_against_the_loss_weights():
 
 
 def test_attribute_class_targets_need_the_shapes_data(tmp_path):
-    with pytest.raises(ValueError, match="loss.class_target='shape' reads the shapes labels"):
+    with pytest.raises(ValueError, match="loss.class_target='shape' reads the shapes attributes"):
         build_config("tiny", [("data.dataset", "folder"), ("data.path", str(tmp_path)),
                               ("loss.class_target", "shape")])
+
+
+@pytest.mark.parametrize("target, message", [
+    ("size", r"'label' or a '\+'-joined subset of \['shape', 'color', 'position'\], got 'size'"),
+    ("shape+shape", "names an attribute twice"),
+    ("", "must be 'label' or"),
+])
+def test_class_target_errors_name_the_option(target, message):
+    with pytest.raises(ValueError, match=message):
+        build_config("tiny", [("loss.class_target", target)])
+    cfg = build_config("tiny", [("loss.class_target", "position+shape")])
+    assert cfg.loss.class_target == "position+shape"

@@ -230,6 +230,35 @@ def test_class_terms_are_cross_entropies_over_the_labelled_rows():
         losses.discriminator_terms(Views(_dout(), [_dout()], [_text()], None, class_labels=labels))
 
 
+def test_attribute_class_terms_sum_one_cross_entropy_per_block():
+    """loss.class_target=shape+position: the head's logits are a 6-way and a 9-way block; each
+    term is the sum of the blocks' cross-entropies, and each branch's fakes have their own targets
+    (a -1 position where the branch's caption names none)."""
+    torch.manual_seed(5)
+    with_classes = lambda: _dout()._replace(classes=torch.randn(B, 15))  # noqa: E731
+    real, fake_a, fake_b = with_classes(), with_classes(), with_classes()
+    real_y = torch.tensor([[0, 8], [5, 0], [2, 4]])
+    fake_y = [torch.tensor([[0, -1], [5, 0], [2, -1]]), torch.tensor([[0, 8], [5, -1], [2, 4]])]
+    losses = XMCLossSet(LossConfig(class_weight=1.0, class_target="position+shape"))
+    assert losses.class_sizes == (6, 9)
+    v = Views(real, [fake_a, fake_b], [_text(), _text()], None, class_labels=real_y,
+              fake_class_labels=fake_y)
+
+    def ce(logits, y):   # by hand, each block over its rows with a target
+        total = 0.0
+        for k, (lo, hi) in enumerate(((0, 6), (6, 15))):
+            rows = [i for i in range(B) if y[i, k] >= 0]
+            total += sum(torch.logsumexp(logits[i, lo:hi], 0) - logits[i, lo + y[i, k]] for i in rows) / len(rows)
+        return float(total)
+
+    d, g = losses.discriminator_terms(v), losses.generator_terms(v)
+    assert d["d_class"].item() == pytest.approx(ce(real.classes, real_y), rel=1e-6)
+    want = (ce(fake_a.classes, fake_y[0]) + ce(fake_b.classes, fake_y[1])) / 2
+    assert g["g_class"].item() == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match=r"do not match the blocks \(6, 9\)"):
+        class_loss(real.classes, real_y[:, 0], (6, 9))
+
+
 def test_chunk_output_carries_the_class_logits():
     out = DiscriminatorOutput(torch.randn(4), torch.randn(4, F), torch.randn(4, R, E), torch.randn(4, F),
                               torch.randn(4, 3))

@@ -119,7 +119,7 @@ def _manual_run(cfg, cache, num_classes: int = 0) -> loop.Run:
     losses = loop.build_losses(cfg, env, loop.autocast_factory("fp32", env.device))
     return loop.Run(cfg, env, Path(cfg.run.out), loader, nets, losses,
                     torch.Generator().manual_seed(0), loop.autocast_factory("fp32", env.device),
-                    loader.text_dim)
+                    loader.text_dim, class_targets=loop.build_class_targets(cfg, loader, env.device))
 
 
 R1_ON = [(), (("loss.r1_gamma", "1.0"),)]
@@ -316,21 +316,46 @@ def test_class_head_run_logs_its_terms_and_reloads(tmp_path):
     assert all(torch.equal(v, loaded.D.state_dict()[k]) for k, v in state["D"].items())
 
 
-@pytest.mark.parametrize("target, size", [("shape", 6), ("color", 8)])
-def test_class_head_on_one_shapes_attribute(tmp_path, target, size):
-    """loss.class_target: the head predicts the attribute the primary label encodes (label = shape
-    * 8 + colour), -1 (no label) stays -1; both terms start near log(size) and the head reloads."""
+@pytest.mark.parametrize("target, sizes", [("shape", (6,)), ("color", (8,)), ("shape+position", (6, 9))])
+def test_class_head_on_shapes_attributes(tmp_path, target, sizes):
+    """loss.class_target: the head has one block per attribute; both terms start near the sum of
+    log(block size), and the head reloads."""
     cfg = tiny(tmp_path / "run", ("run.steps", "2"), ("loss.class_weight", "1"),
                ("loss.class_target", target))
-    labels = torch.tensor([-1, 0, 7, 8, 47])
-    want = {"shape": [-1, 0, 0, 1, 5], "color": [-1, 0, 7, 0, 7]}[target]
-    assert loop.class_targets(cfg, labels).tolist() == want
-    assert loop.class_targets(tiny(tmp_path), labels).tolist() == labels.tolist()
     loop.train(cfg)
     first = read_metrics(tmp_path / "run")[0]
     for key in ("d_class", "g_class"):
-        assert first[key] == pytest.approx(np.log(size), abs=0.5), key
-    assert ckpt.load_run(tmp_path / "run", discriminator=True).D.num_classes == size
+        assert first[key] == pytest.approx(sum(np.log(sizes)), abs=0.5), key
+    assert ckpt.load_run(tmp_path / "run", discriminator=True).D.num_classes == sum(sizes)
+
+
+def test_class_targets_read_the_primary_object_and_its_caption(tmp_path):
+    """Real images' targets are the primary object's shape, colour and cell (the shape and colour
+    agree with the label's encoding, label = shape * 8 + colour); a fake's position is its image's
+    cell where its caption names that cell, and -1 where the caption names no position of it."""
+    from fastxmc.data.shapes import POSITIONS, named_positions
+    cfg = tiny(tmp_path, ("loss.class_weight", "1"), ("loss.class_target", "color+position+shape"))
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    loader = loop.make_loader(cfg, env, progress=False)
+    targets = loop.build_class_targets(cfg, loader, env.device)
+    assert targets.attributes == ("shape", "color", "position")
+    seen_named = seen_unnamed = 0
+    for batch, _ in zip(loader, range(4)):
+        real, fake = targets.real(batch), targets.fake(batch)
+        assert real[:, 0].tolist() == (batch["label"] // 8).tolist()
+        assert real[:, 1].tolist() == (batch["label"] % 8).tolist()
+        assert torch.equal(fake[:, :2], real[:, :2])
+        for row, want, caption in zip(fake, real, loader.captions(batch["index"], batch["caption"])):
+            named = POSITIONS[int(want[2])] in named_positions(caption)
+            # every caption phrase of a position is the primary object's (the templates never
+            # name the second object's position alone), so the table's cell must be among them
+            assert named == bool(named_positions(caption)), caption
+            assert int(row[2]) == (int(want[2]) if named else -1), caption
+            seen_named, seen_unnamed = seen_named + named, seen_unnamed + (not named)
+    assert seen_named and seen_unnamed
+    assert loop.build_class_targets(tiny(tmp_path), loader, env.device) is None
+    labels = loop.ClassTargets.for_loader("label", loader, env.device)
+    assert torch.equal(labels.fake(batch), batch["label"])
 
 
 def test_class_head_needs_labels(tmp_path):

@@ -62,6 +62,7 @@ __all__ = [
     "LABEL_NAMES", "NUM_CLASSES", "SPLIT_IDS", "GENERATOR_VERSION", "ShapesConfig", "Sample",
     "label_of", "decode_label", "label_attribute", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
     "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete", "named_attributes",
+    "named_positions",
     "primary_objects", "primary_object_keys", "ATTRIBUTE_VALUES",
     "describe_object",
 ]
@@ -384,8 +385,26 @@ def named_attributes(caption: str) -> frozenset:
     named = {"shape", "color"}
     if any(f" {w} " in padded for words in _SIZE_WORDS.values() for w in words):
         named.add("size")
-    if any(f" {phrase} " in padded for phrases in _POS_WORDS.values() for phrase in phrases):
+    if named_positions(caption):
         named.add("position")
+    return frozenset(named)
+
+
+# Every position phrase with its position, longest first: "at the top left" must be read before
+# "at the top", which it contains.
+_POS_PHRASES = sorted(((phrase, position) for position, phrases in _POS_WORDS.items() for phrase in phrases),
+                      key=lambda item: -len(item[0]))
+
+
+def named_positions(caption: str) -> frozenset:
+    """The :data:`POSITIONS` a ``caption``'s position phrases name (as whole words; a phrase inside a
+    longer one, such as "at the top" in "at the top left", counts as the longer one only)."""
+    padded = f" {' '.join(caption.replace(',', ' ').split())} "
+    named = set()
+    for phrase, position in _POS_PHRASES:
+        if f" {phrase} " in padded:
+            named.add(position)
+            padded = padded.replace(f" {phrase} ", " | ")
     return frozenset(named)
 
 

@@ -88,9 +88,10 @@ class LossConfig:
     # The weight of G's term alone (g_class); None: class_weight. 0: D learns the labels and G
     # follows them only through what D's shared features give the other terms.
     g_class_weight: float | None = None
-    # What the class head predicts: "label" (the data's primary label) or, on the shapes data, one
-    # attribute of the primary object that the label encodes, "shape" (6-way) or "color" (8-way).
-    class_target: Literal["label", "shape", "color"] = "label"
+    # What the class head predicts: "label" (the data's primary label) or, on the shapes data,
+    # attributes of the primary object, '+'-joined: shape (6-way), color (8-way), position (9-way;
+    # a fake's only where its caption names it). See fastxmc.train.class_targets.
+    class_target: str = "label"
     classifier_weight: float = 1.0      # C(f(real), f(fake)), only with image_classifier_weights
     image_classifier: Literal["resnet50", "vgg19", "dual"] = "resnet50"
     image_classifier_weights: str | None = None  # a torchvision state_dict file; dual: a pretrain run
@@ -396,8 +397,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                              f"describes every object), got data.dataset={cfg.data.dataset!r}")
         from fastxmc.train.counterfactual import parse_attributes
         parse_attributes(loss.counterfactual_attributes)
-    if loss.class_target != "label" and cfg.data.dataset != "shapes":
-        raise ValueError(f"loss.class_target={loss.class_target!r} reads the shapes labels; on "
+    from fastxmc.train.class_targets import parse_class_target
+    if parse_class_target(loss.class_target) != ("label",) and cfg.data.dataset != "shapes":
+        raise ValueError(f"loss.class_target={loss.class_target!r} reads the shapes attributes; on "
                          f"data.dataset={cfg.data.dataset!r} use loss.class_target=label")
     if loss.supcon and not cfg.data.two_captions:
         raise ValueError("loss.supcon needs data.two_captions=true (the two caption branches)")

@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from fastxmc.data.loader import build_loader
-from fastxmc.data.shapes import ATTRIBUTE_VALUES, decode_label
 from fastxmc.models import Discriminator, Generator
 from fastxmc.train import checkpoint as ckpt
+from fastxmc.train.class_targets import ClassTargets, head_sizes
 from fastxmc.train.config import (TrainConfig, config_to_dict, discriminator_kwargs,
                                   generator_kwargs, warmup_terms, write_config)
 from fastxmc.train.counterfactual import build_counterfactual_term
@@ -101,6 +101,7 @@ class Run:
     autocast: object        # a zero-argument context-manager factory
     text_dim: int
     negatives: CaptionNegatives | None = None  # loss.text_negatives
+    class_targets: ClassTargets | None = None   # loss.class_weight
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -177,25 +178,21 @@ def build_networks(cfg: TrainConfig, text_dim: int, device: torch.device,
 
 def d_classes(cfg: TrainConfig, loader) -> int:
     """The size of D's class head with ``loss.class_weight`` (else 0): the data's class count, or
-    the number of values of the shapes attribute ``loss.class_target`` names."""
+    the summed value counts of the shapes attributes ``loss.class_target`` names."""
     if not cfg.loss.class_weight:
         return 0
     if not loader.num_classes:
         raise ValueError(f"loss.class_weight > 0 needs class labels, and the {cfg.data.dataset} "
                          "training data has none (labels in captions.jsonl, COCO instances, CUB "
                          "species)")
-    if cfg.loss.class_target == "label":
-        return loader.num_classes
-    return len(ATTRIBUTE_VALUES[cfg.loss.class_target])
+    return sum(head_sizes(cfg.loss.class_target, loader.num_classes))
 
 
-def class_targets(cfg: TrainConfig, labels: torch.Tensor) -> torch.Tensor:
-    """The class head's target of each primary label (-1, no label, stays -1): the label itself,
-    or the index of the shapes attribute it encodes (:func:`fastxmc.data.shapes.decode_label`)."""
-    target = cfg.loss.class_target
-    if target == "label":
-        return labels
-    return torch.where(labels < 0, labels, decode_label(labels, target))
+def build_class_targets(cfg: TrainConfig, loader, device) -> ClassTargets | None:
+    """The class head's targets (``loss.class_weight``; None without it)."""
+    if not cfg.loss.class_weight:
+        return None
+    return ClassTargets.for_loader(cfg.loss.class_target, loader, device)
 
 
 def wrap_networks(nets: Nets, cfg: TrainConfig, env: DistEnv) -> None:
@@ -353,11 +350,12 @@ def generate(G: nn.Module, z: torch.Tensor, texts: list) -> torch.Tensor:
 
 
 def discriminate(D: nn.Module, real: torch.Tensor, fakes: torch.Tensor, texts: list, labels,
-                 real_grad: bool = False, negatives=None, class_labels=None):
+                 real_grad: bool = False, negatives=None, class_labels=None, fake_class_labels=None):
     """One D call on concat(real, fakes of every branch), each image with its own sentence;
     ``real_grad`` tracks the real images for the R1 penalty; ``negatives``, ``(sentences (K, E),
     label ids (K,))`` of other images' captions, go through D's sentence projection;
-    ``class_labels`` (the class head's targets) are passed on for D's class head. ``fakes=None``:
+    ``class_labels`` and ``fake_class_labels`` (the class head's targets of the real images and of
+    each branch's fakes, :func:`class_inputs`) are passed on for D's class head. ``fakes=None``:
     real images only (``Views.fakes`` is empty)."""
     if real_grad:
         real = real.detach().requires_grad_(True)
@@ -373,7 +371,18 @@ def discriminate(D: nn.Module, real: torch.Tensor, fakes: torch.Tensor, texts: l
         # outside D's forward (a DDP wrapper sees the shared Linear's summed gradient all the same)
         extra, extra_labels = unwrap(D).project_sentence(negatives[0]).float(), negatives[1]
     return Views(chunks[0], chunks[1:], texts, labels, real if real_grad else None, extra, extra_labels,
-                 class_labels)
+                 class_labels, fake_class_labels)
+
+
+def class_inputs(run: Run, batch: dict, two: bool) -> dict:
+    """``discriminate``'s class-head targets of a batch (none without ``loss.class_weight``): the
+    real images', and the fakes' of each caption branch (``two``: with branch b)."""
+    targets = run.class_targets
+    if targets is None:
+        return {}
+    keys = ("caption", "caption_b") if two else ("caption",)
+    return {"class_labels": targets.real(batch),
+            "fake_class_labels": [targets.fake(batch, key) for key in keys]}
 
 
 @contextlib.contextmanager
@@ -411,8 +420,7 @@ def discriminator_step(run: Run, batch: dict) -> torch.Tensor:
         fakes = generate(nets.g, z, texts)
     with run.autocast():
         views = discriminate(nets.D, batch["image"], fakes, texts, labels,
-                             run.losses.active("d_r1"), negatives,
-                             class_targets(run.cfg, batch["label"]))
+                             run.losses.active("d_r1"), negatives, **class_inputs(run, batch, len(texts) > 1))
     loss = run.losses.total(run.losses.discriminator_terms(views))
     nets.opt_D.zero_grad(set_to_none=True)
     loss.backward()
@@ -429,7 +437,7 @@ def warmup_step(run: Run, batch: dict) -> dict:
         negatives = run.negatives.draw(batch["index"], batch["caption"], batch["label"])
     with run.autocast():
         views = discriminate(run.nets.D, batch["image"], None, texts, None, negatives=negatives,
-                             class_labels=class_targets(run.cfg, batch["label"]))
+                             **class_inputs(run, batch, two=False))
     terms = run.losses.real_image_terms(views, warmup_terms(run.cfg))
     # D's realness logit (and, with a subset of the terms, other heads) gets no gradient here; the
     # zero-weighted sum of every output keeps all parameters in the graph, as a DDP-wrapped D
@@ -478,8 +486,7 @@ def joint_forward(run: Run, batch: dict) -> JointForward:
     with run.autocast():
         fakes = generate(run.nets.G, z, texts)
         views = discriminate(run.nets.D, batch["image"], fakes, texts, labels,
-                             run.losses.active("d_r1"), negatives,
-                             class_targets(run.cfg, batch["label"]))
+                             run.losses.active("d_r1"), negatives, **class_inputs(run, batch, len(texts) > 1))
     d_terms = run.losses.discriminator_terms(views)
     captions = [batch["caption"]] + ([batch["caption_b"]] if len(texts) > 1 else [])
     g_terms = run.losses.generator_terms(views, batch["image"], list(fakes.chunk(len(texts))),
@@ -610,7 +617,8 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
     nets = build_networks(cfg, loader.text_dim, env.device, sentences, d_classes(cfg, loader))
     z_gen = torch.Generator(device=env.device).manual_seed(noise_seed(r.seed, env.rank))
     run = Run(cfg, env, run_dir, loader, nets, build_losses(cfg, env, autocast, loader), z_gen, autocast,
-              loader.text_dim, build_negatives(cfg.loss, loader, seed=r.seed, rank=env.rank))
+              loader.text_dim, build_negatives(cfg.loss, loader, seed=r.seed, rank=env.rank),
+              build_class_targets(cfg, loader, env.device))
     samples = build_sample_set(cfg, progress)
     statistics_set = build_statistics_set(cfg, progress)
     start = restore_state(state, run) if state is not None else 0

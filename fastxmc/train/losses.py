@@ -26,7 +26,9 @@ Conventions (xmcgan.md sections 5 and 7):
 * Ours, off by default: ``loss.class_weight=W`` adds AC-GAN's label head: ``W CE(D_cls(real), y)``
   to D's loss and ``W CE(D_cls(fake), y)`` (mean over branches) to G's, ``y`` the image's primary
   label; rows without a label are left out (:func:`class_loss`). ``loss.g_class_weight`` sets
-  G's weight alone (0: G's term is not computed).
+  G's weight alone (0: G's term is not computed). ``loss.class_target`` (shapes data) swaps the
+  label for attributes of the primary object, one cross-entropy each
+  (:mod:`fastxmc.train.class_targets`; a fake's position only where its caption names one).
 * Label-guided extension (``loss.supcon``): every sample carries two captions (branches a and b); G
   runs on both with the same z. Labels of -1 (none) become one unique id per sample, shared by its two
   branches, so such a sample's only positives are its own pairs. Then
@@ -51,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastxmc.losses import info_nce, region_word_loss, supcon
+from fastxmc.train.class_targets import head_sizes, parse_class_target
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,8 +95,11 @@ class Views(NamedTuple):
     # label ids (K,) (see fastxmc.train.negatives); extra negatives of the sentence terms
     negatives: torch.Tensor | None = None
     negative_labels: torch.Tensor | None = None
-    # loss.class_weight: the batch's primary labels (B,), -1 where an image has none
+    # loss.class_weight: the class head's targets of the real images, (B,) labels or (B, A)
+    # attributes (fastxmc.train.class_targets), -1 where there is none; and of each branch's fakes
+    # (None: the same as the real images')
     class_labels: torch.Tensor | None = None
+    fake_class_labels: list | None = None
 
 
 def chunk_output(out, chunks: int) -> list:
@@ -107,9 +113,16 @@ def chunk_output(out, chunks: int) -> list:
     return [DOut(*chunk) for chunk in zip(*parts)]
 
 
-def class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def class_loss(logits: torch.Tensor, labels: torch.Tensor, sizes: tuple | None = None) -> torch.Tensor:
     """Cross-entropy of class ``logits`` (B, C) against ``labels`` (B,), over the rows with a label
-    (>= 0); 0 (with a gradient path) when no row has one."""
+    (>= 0); 0 (with a gradient path) when no row has one. With ``sizes`` (block widths summing to
+    C) and ``labels`` (B, len(sizes)): the sum of each block's cross-entropy against its column."""
+    if sizes is not None:
+        if labels.dim() != 2 or labels.shape[1] != len(sizes) or logits.shape[-1] != sum(sizes):
+            raise ValueError(f"class_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                             f"do not match the blocks {tuple(sizes)}")
+        blocks = logits.split(list(sizes), dim=-1)
+        return sum(class_loss(block, labels[:, k]) for k, block in enumerate(blocks))
     has = labels >= 0
     if not bool(has.any()):
         return logits.sum() * 0.0
@@ -287,8 +300,12 @@ class XMCLossSet:
                         "g_word": cfg.word_weight, "g_image": cfg.image_weight}
         if cfg.r1_gamma:
             self.weights["d_r1"] = cfg.r1_gamma / 2.0
+        # the class head's logit blocks with attribute targets; None: one block (labels)
+        self.class_sizes = None
         if cfg.class_weight:
             self.weights["d_class"] = cfg.class_weight
+            if parse_class_target(cfg.class_target) != ("label",):
+                self.class_sizes = head_sizes(cfg.class_target, 0)
             g_weight = cfg.class_weight if cfg.g_class_weight is None else cfg.g_class_weight
             if g_weight:
                 self.weights["g_class"] = g_weight
@@ -330,7 +347,7 @@ class XMCLossSet:
         if "d_word" in names and self.active("d_word"):
             terms["d_word"] = self._word(v.real.regions, v.texts[0])
         if "d_class" in names and self.active("d_class"):
-            terms["d_class"] = class_loss(v.real.classes, self._class_labels(v))
+            terms["d_class"] = class_loss(v.real.classes, self._class_labels(v), self.class_sizes)
         return terms
 
     # ------------------------------------------------------------------ G
@@ -374,8 +391,9 @@ class XMCLossSet:
             terms["g_supcon_image"] = self._supcon(torch.cat([f.features for f in v.fakes]),
                                                    v.labels, branches)
         if self.active("g_class"):
-            labels = self._class_labels(v)
-            terms["g_class"] = _mean([class_loss(f.classes, labels) for f in v.fakes])
+            labels = v.fake_class_labels or [self._class_labels(v)] * len(v.fakes)
+            terms["g_class"] = _mean([class_loss(f.classes, y, self.class_sizes)
+                                      for f, y in zip(v.fakes, labels)])
         return terms
 
     # ------------------------------------------------------------------ helpers
