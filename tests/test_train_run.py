@@ -217,6 +217,24 @@ def test_warmup_run_resumes_exactly(tmp_path):
     assert read_metrics(tmp_path / "cold")[0]["d_sentence"] != a[0]["d_sentence"]
 
 
+def test_d_lr_ramp_is_linear_logged_and_resumes_exactly(tmp_path):
+    """optim.d_lr_ramp_steps=N: D's lr is d_lr * step / N up to step N, then d_lr; D's optimizer
+    runs at it, it is logged as d_lr, and a run resumed inside the ramp has the same losses."""
+    cfg = build_config("tiny", [("optim.d_lr_ramp_steps", "3")])
+    d_lr = cfg.optim.d_lr
+    assert [loop.d_lr_at(cfg.optim, k) for k in (1, 2, 3, 4)] == pytest.approx([d_lr / 3, 2 * d_lr / 3, d_lr, d_lr])
+    assert loop.d_lr_at(build_config("tiny").optim, 1) == d_lr
+    full, _, a, b = full_and_resumed_runs(tmp_path, ("optim.d_lr_ramp_steps", "3"))
+    assert [r["d_lr"] for r in a] == pytest.approx([d_lr / 3, 2 * d_lr / 3, d_lr, d_lr])
+    for ra, rb in zip(a, b):
+        for key in LOSS_KEYS:
+            assert ra[key] == rb[key], (ra["step"], key)
+    first = ckpt.load_checkpoint(tmp_path / "part" / "checkpoints" / "ckpt-00000002.pt")
+    assert first["opt_D"]["param_groups"][0]["lr"] == pytest.approx(2 * d_lr / 3)
+    with pytest.raises(ValueError, match="optim.d_lr_ramp_steps must be an int >= 0"):
+        build_config("tiny", [("optim.d_lr_ramp_steps", "-2")])
+
+
 def test_optimizers_and_precision_options():
     cfg = build_config("tiny")
     params = [torch.nn.Parameter(torch.zeros(2))]

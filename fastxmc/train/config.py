@@ -69,6 +69,10 @@ class OptimConfig:
     # The warm-up's terms: "real" (every active one of them), or a '+'-joined subset of sentence,
     # word, class, e.g. "class": the class head alone (D's contrastive heads start with the GAN).
     d_warmup_terms: str = "real"
+    # Ours: D's learning rate rises linearly over the first N G steps, d_lr * step / N, so that G
+    # can catch up with a D that the warm-up made strong before both move at full speed; 0: d_lr
+    # from step 1 (paper).
+    d_lr_ramp_steps: int = 0
 
 
 @dataclass
@@ -376,6 +380,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                              "needs loss.class_weight > 0")
     _require(_is_int(o.d_warmup_steps) and o.d_warmup_steps >= 0, "optim.d_warmup_steps",
              "an int >= 0", o.d_warmup_steps)
+    _require(_is_int(o.d_lr_ramp_steps) and o.d_lr_ramp_steps >= 0, "optim.d_lr_ramp_steps",
+             "an int >= 0", o.d_lr_ramp_steps)
     if o.d_warmup_steps:
         warmup_terms(cfg)
     for name in ("dual_weight", "counterfactual_weight"):    # the terms scored in a dual encoder

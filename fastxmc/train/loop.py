@@ -494,6 +494,18 @@ def joint_forward(run: Run, batch: dict) -> JointForward:
     return JointForward(d_terms, g_terms, run.losses.total(d_terms), run.losses.total(g_terms))
 
 
+def d_lr_at(optim_cfg, step: int) -> float:
+    """D's learning rate at G step ``step``: ``optim.d_lr``, ramped up linearly over the first
+    ``optim.d_lr_ramp_steps`` steps (a function of the step alone, so ``--resume`` stays exact)."""
+    ramp = optim_cfg.d_lr_ramp_steps
+    return optim_cfg.d_lr * (min(1.0, step / ramp) if ramp else 1.0)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def joint_update(run: Run, fw: JointForward, step: int) -> None:
     """Both gradients at the current parameters, then both Adam steps and the EMA (G step ``step``)."""
     nets = run.nets
@@ -646,6 +658,8 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
             batches, wait = fetch(stream, d_steps)
             meter.add(wait)
             # ---- D-only steps, then the joint D + G step on the last batch
+            if cfg.optim.d_lr_ramp_steps:
+                set_lr(nets.opt_D, d_lr_at(cfg.optim, step))
             d_only = [discriminator_step(run, batch) for batch in batches[:-1]]
             fw = joint_forward(run, batches[-1])
             bad = non_finite_terms(fw, d_only)
@@ -661,6 +675,8 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
             last = step == r.steps or stop_now
             if due(step, r.log_every, last):
                 values = step_metrics(fw)
+                if cfg.optim.d_lr_ramp_steps:
+                    values["d_lr"] = d_lr_at(cfg.optim, step)
                 logger.log_metrics(step, {**values, **meter.values(images_per_step)})
                 shown = {k: values[k] for k in ("loss_d", "loss_g")}
                 logger.advance(step, shown)
