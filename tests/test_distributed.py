@@ -61,7 +61,9 @@ def _worker(rank, port, queue):
             model = nn.parallel.DistributedDataParallel(Towers())
             loss = model(x[part], y[part], labels[part], kind, impl, group=dist.group.WORLD)
             loss.backward()
-            queue.put((kind, impl, rank, loss.detach(), [p.grad.clone() for p in model.parameters()]))
+            # numpy arrays travel by value; a tensor would travel as a shared-memory handle that
+            # the parent cannot open once this process has exited (seen under load)
+            queue.put((kind, impl, rank, loss.detach().numpy(), [p.grad.numpy().copy() for p in model.parameters()]))
     finally:
         dist.destroy_process_group()
 
@@ -84,7 +86,7 @@ def ddp_results():
     results = {}
     for _ in range(WORLD * len(COMBOS)):
         kind, impl, rank, loss, grads = queue.get(timeout=300)
-        results[(kind, impl, rank)] = (loss, grads)
+        results[(kind, impl, rank)] = (torch.from_numpy(loss), [torch.from_numpy(g) for g in grads])
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
