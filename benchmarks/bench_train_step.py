@@ -381,10 +381,11 @@ def build_run(cfg: TrainConfig, source, device: torch.device) -> loop.Run:
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device)
     autocast = loop.autocast_factory(cfg.run.precision, device)
     sentences = source.sentence_embeddings() if cfg.model.whiten_sentences else None
-    nets = loop.build_networks(cfg, source.text_dim, device, sentences)
+    nets = loop.build_networks(cfg, source.text_dim, device, sentences, loop.d_classes(cfg, source))
     z_gen = torch.Generator(device=device).manual_seed(loop.noise_seed(cfg.run.seed, 0))
     run = loop.Run(cfg, env, Path(cfg.run.out), source, nets, loop.build_losses(cfg, env, autocast),
-                   z_gen, autocast, source.text_dim)
+                   z_gen, autocast, source.text_dim,
+                   class_targets=loop.build_class_targets(cfg, source, device))
     nets.G.train()
     nets.D.train()
     return run

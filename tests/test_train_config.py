@@ -104,7 +104,6 @@ def test_bad_overrides_are_rejected(key, value, message):
     ("data.dataset", "coco", "DataConfig.path is required"),
     ("optim.d_warmup_steps", "-1", "optim.d_warmup_steps must be an int >= 0"),
     ("model.d_input_scale", "3", "model.d_input_scale must be 1 or 2, got 3"),
-    ("loss.g_class_weight", "1", "loss.g_class_weight > 0 scores G's fakes with D's class head"),
     ("loss.g_class_weight", "-1", "loss.g_class_weight must be a number >= 0"),
 ])
 def test_invalid_values_are_rejected(key, value, message):
@@ -221,9 +220,15 @@ def test_warmup_terms_are_checked_against_the_loss_weights():
 
 
 def test_attribute_class_targets_need_the_shapes_data(tmp_path):
-    with pytest.raises(ValueError, match="loss.class_target='shape' reads the shapes attributes"):
+    # the shapes preset has one: switching its dataset says how to go on
+    with pytest.raises(ValueError, match=r"pass --loss.class_target=label .* or --loss.class_weight=0"):
+        build_config("shapes", [("data.dataset", "folder"), ("data.path", str(tmp_path))])
+    cfg = build_config("shapes", [("data.dataset", "folder"), ("data.path", str(tmp_path)),
+                                  ("loss.class_weight", "0")])
+    assert cfg.loss.class_weight == 0
+    with pytest.raises(ValueError, match="loss.class_target='shape' .* reads the shapes attributes"):
         build_config("tiny", [("data.dataset", "folder"), ("data.path", str(tmp_path)),
-                              ("loss.class_target", "shape")])
+                              ("loss.class_weight", "1"), ("loss.class_target", "shape")])
 
 
 @pytest.mark.parametrize("target, message", [

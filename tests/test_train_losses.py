@@ -429,5 +429,7 @@ def test_g_class_weight_sets_gs_class_term_alone():
               class_labels=torch.tensor([0, 1, 2]))
     apart = XMCLossSet(LossConfig(class_weight=0.5, g_class_weight=0.1))
     assert apart.weights["d_class"] == 0.5 and apart.weights["g_class"] == 0.1
+    headless = XMCLossSet(LossConfig(class_weight=0.0, g_class_weight=1.0))  # no head: no G term
+    assert "g_class" not in headless.weights and "d_class" not in headless.weights
     off = XMCLossSet(LossConfig(class_weight=0.5, g_class_weight=0.0))
     assert "g_class" not in off.generator_terms(v) and "d_class" in off.discriminator_terms(v)
