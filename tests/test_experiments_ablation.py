@@ -47,6 +47,16 @@ def test_train_command_resumes_only_a_started_run(tmp_path):
     assert ab.finished(ab.run_dir(opts, "sentence"), 2)
 
 
+def test_variants_leave_the_presets_class_head_out_unless_set(tmp_path):
+    """The table varies the contrastive terms alone: the shapes preset's class head is off in every
+    variant, and --set puts it back."""
+    shapes = ab.AblationOptions(out=str(tmp_path), preset="shapes")
+    assert all(ab.train_config(shapes, v).loss.class_weight == 0 for v in ("none", "full"))
+    assert "--loss.class_weight=0" in ab.train_command(shapes, "full")
+    kept = ab.AblationOptions(out=str(tmp_path), preset="shapes", overrides=(("loss.class_weight", "10"),))
+    assert ab.train_config(kept, "none").loss.class_weight == 10
+
+
 def test_the_evaluator_gets_the_gan_runs_data(tmp_path):
     opts = options(tmp_path, overrides=(("data.shapes_train", "100"), ("data.label_groups", "2"),
                                         ("data.group_by", "color")))

@@ -46,6 +46,10 @@ VARIANTS = {
     "full+supcon": ("+ label-guided SupCon (two captions per image)", {"loss.supcon": "true"}),
 }
 BASELINE, FULL = "none", "full"
+# Applied to every variant before --set: the paper's table varies the contrastive terms alone, and
+# the shapes preset's auxiliary class head (session 14) is label supervision outside it, so every
+# variant leaves it out (--set loss.class_weight=10 puts it back in all of them).
+COMMON_OVERRIDES = {"loss.class_weight": "0"}
 ATTRIBUTES = ("shape", "color", "size", "position")
 FIGURE_CAPTIONS = (
     "a large red circle at the top left",
@@ -87,10 +91,15 @@ class AblationOptions:
 # ---------------------------------------------------------------- configs and commands
 def train_config(opts: AblationOptions, variant: str):
     """The resolved train config of ``variant`` (validates every override up front)."""
-    overrides = [*opts.overrides, *VARIANTS[variant][1].items(), ("run.seed", str(opts.seed))]
+    overrides = [*variant_overrides(opts, variant), ("run.seed", str(opts.seed))]
     if opts.steps is not None:
         overrides.append(("run.steps", str(opts.steps)))
     return build_config(opts.preset, overrides)
+
+
+def variant_overrides(opts: AblationOptions, variant: str) -> list:
+    """The train overrides of ``variant``: :data:`COMMON_OVERRIDES`, then ``--set``, then the variant's."""
+    return [*COMMON_OVERRIDES.items(), *opts.overrides, *VARIANTS[variant][1].items()]
 
 
 def run_dir(opts: AblationOptions, name: str) -> Path:
@@ -102,7 +111,7 @@ def train_command(opts: AblationOptions, variant: str) -> list:
     args = [sys.executable, "-m", "fastxmc.train", "--preset", opts.preset,
             "--out", str(run_dir(opts, variant)), "--steps", str(cfg.run.steps), "--seed", str(opts.seed),
             f"--run.threads={opts.threads}", "--run.quiet=true"]
-    args += [f"--{k}={v}" for k, v in [*opts.overrides, *VARIANTS[variant][1].items()]]
+    args += [f"--{k}={v}" for k, v in variant_overrides(opts, variant)]
     if latest_checkpoint(run_dir(opts, variant)) is not None:
         args.append("--resume")
     return args
