@@ -21,7 +21,9 @@ def test_default_is_the_shapes_preset():
     assert cfg.optim.ema_warmup and cfg.optim.ema_bn_batches == 8
     paper = TrainConfig().optim  # every other preset: the reference's EMA
     assert paper.ema_decay == 0.999 and not paper.ema_warmup and paper.ema_bn_batches == 0
-    assert cfg.run.batch_size == 16 and cfg.model.g_width == 16 and cfg.run.steps == 2500
+    assert cfg.run.batch_size == 16 and cfg.model.g_width == 16 and cfg.run.steps == 4000
+    assert (cfg.loss.class_weight, cfg.loss.g_class_weight, cfg.loss.class_target) == (10.0, 1.0, "shape+position")
+    assert cfg.model.d_input_scale == 2 and cfg.model.d_saturation
     assert cfg.loss.temperature == 0.1 and not cfg.loss.supcon and not cfg.loss.global_negatives
 
 
