@@ -60,7 +60,7 @@ from fastxmc.data.folder import Record, write_records
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "POSITIONS", "BACKGROUND_KINDS", "BACKGROUND_COLORS",
     "LABEL_NAMES", "NUM_CLASSES", "SPLIT_IDS", "GENERATOR_VERSION", "ShapesConfig", "Sample",
-    "label_of", "decode_label", "label_attribute", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
+    "label_of", "label_attribute", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
     "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete", "named_attributes",
     "named_positions",
     "primary_objects", "primary_object_keys", "ATTRIBUTE_VALUES",
@@ -109,13 +109,6 @@ def label_of(shape: str, color: str) -> int:
     return SHAPES.index(shape) * len(COLORS) + COLORS.index(color)
 
 
-def decode_label(labels, attribute: str):
-    """:func:`label_of` inverted for ``attribute`` ("shape" or "color"): the attribute's index in
-    each label, for numpy arrays and torch tensors alike; unchecked, and meaningless for -1 (see
-    :func:`label_attribute`)."""
-    return labels // len(COLORS) if attribute == "shape" else labels % len(COLORS)
-
-
 def label_attribute(labels, attribute: str) -> np.ndarray:
     """The index of the primary object's ``attribute`` ("shape" into :data:`SHAPES`, "color" into
     :data:`COLORS`) encoded in each class label (:func:`label_of`); -1 where a label is -1."""
@@ -124,7 +117,8 @@ def label_attribute(labels, attribute: str) -> np.ndarray:
         raise ValueError(f"attribute must be 'shape' or 'color', got {attribute!r}")
     if ((labels < -1) | (labels >= NUM_CLASSES)).any():
         raise ValueError(f"labels must be shapes class ids in [0, {NUM_CLASSES}) or -1")
-    return np.where(labels < 0, -1, decode_label(labels, attribute))
+    index = labels // len(COLORS) if attribute == "shape" else labels % len(COLORS)
+    return np.where(labels < 0, -1, index)
 
 
 # The vocabulary of each attribute a batch can be grouped by (DataConfig.group_by).

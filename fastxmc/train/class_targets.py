@@ -24,7 +24,7 @@ import torch
 
 from fastxmc.data.shapes import ATTRIBUTE_VALUES, named_positions, primary_objects
 
-__all__ = ["CLASS_ATTRIBUTES", "parse_class_target", "head_sizes", "ClassTargets"]
+__all__ = ["CLASS_ATTRIBUTES", "parse_class_target", "attribute_blocks", "head_sizes", "ClassTargets"]
 
 # The shapes attributes the class head can predict, in the order of its logit blocks. Sizes are left
 # out: in two-object captions a size word may belong to either object.
@@ -49,13 +49,19 @@ def parse_class_target(text: str) -> tuple:
     return tuple(name for name in CLASS_ATTRIBUTES if name in names)
 
 
-def head_sizes(text: str, num_classes: int) -> tuple:
-    """The widths of the class head's logit blocks: ``(num_classes,)`` for ``label``, else one per
-    attribute (e.g. ``(6, 9)`` for ``shape+position``)."""
+def attribute_blocks(text: str) -> tuple | None:
+    """The widths of the class head's logit blocks for attribute targets, one per attribute (e.g.
+    ``(6, 9)`` for ``shape+position``); None for ``label`` (one block over the data's classes)."""
     attributes = parse_class_target(text)
     if attributes == ("label",):
-        return (num_classes,)
+        return None
     return tuple(len(ATTRIBUTE_VALUES[name]) for name in attributes)
+
+
+def head_sizes(text: str, num_classes: int) -> tuple:
+    """The widths of the class head's logit blocks: ``(num_classes,)`` for ``label``, else
+    :func:`attribute_blocks`."""
+    return attribute_blocks(text) or (num_classes,)
 
 
 class ClassTargets:
@@ -79,12 +85,14 @@ class ClassTargets:
         records = data.records
         objects = primary_objects(data.root / data.split, [r.image for r in records])
         table = np.array([[ATTRIBUTE_VALUES[a].index(o[a]) for a in attributes] for o in objects],
-                         np.int64).reshape(len(records), len(attributes))
-        stated = np.zeros((len(records), max(len(r.captions) for r in records), len(attributes)), bool)
-        for n, (record, obj) in enumerate(zip(records, objects)):
-            for c, caption in enumerate(record.captions):
-                stated[n, c] = [a != "position" or obj["position"] in named_positions(caption)
-                                for a in attributes]
+                         np.int64)
+        # every caption states the shape and colour; the position only where it names it
+        stated = np.ones((len(records), max(len(r.captions) for r in records), len(attributes)), bool)
+        if "position" in attributes:
+            column = attributes.index("position")
+            for n, (record, obj) in enumerate(zip(records, objects)):
+                for c, caption in enumerate(record.captions):
+                    stated[n, c, column] = obj["position"] in named_positions(caption)
         return cls(attributes, torch.from_numpy(table).to(device), torch.from_numpy(stated).to(device))
 
     def real(self, batch: dict) -> torch.Tensor:

@@ -415,8 +415,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                              f"describes every object), got data.dataset={cfg.data.dataset!r}")
         from fastxmc.train.counterfactual import parse_attributes
         parse_attributes(loss.counterfactual_attributes)
-    from fastxmc.train.class_targets import parse_class_target
-    attribute_head = parse_class_target(loss.class_target) != ("label",) and loss.class_weight
+    from fastxmc.train.class_targets import attribute_blocks
+    attribute_head = attribute_blocks(loss.class_target) is not None and loss.class_weight
     if attribute_head and cfg.data.dataset != "shapes":
         raise ValueError(f"loss.class_target={loss.class_target!r} (the shapes preset's class head) "
                          f"reads the shapes attributes; on data.dataset={cfg.data.dataset!r} pass "

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastxmc.losses import info_nce, region_word_loss, supcon
-from fastxmc.train.class_targets import head_sizes, parse_class_target
+from fastxmc.train.class_targets import attribute_blocks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -301,11 +301,9 @@ class XMCLossSet:
         if cfg.r1_gamma:
             self.weights["d_r1"] = cfg.r1_gamma / 2.0
         # the class head's logit blocks with attribute targets; None: one block (labels)
-        self.class_sizes = None
+        self.class_sizes = attribute_blocks(cfg.class_target) if cfg.class_weight else None
         if cfg.class_weight:
             self.weights["d_class"] = cfg.class_weight
-            if parse_class_target(cfg.class_target) != ("label",):
-                self.class_sizes = head_sizes(cfg.class_target, 0)
             g_weight = cfg.class_weight if cfg.g_class_weight is None else cfg.g_class_weight
             if g_weight:
                 self.weights["g_class"] = g_weight
