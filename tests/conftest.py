@@ -19,8 +19,14 @@ from fastxmc import _extension  # noqa: E402
 # which `make test` always builds: a missing build stops the session instead of skipping tests.
 CPU_BACKENDS = ["reference", "torch", "cpu", "triton"]
 FUSED_CPU_BACKENDS = ["torch", "cpu", "triton"]
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
-                                  reason="needs a CUDA GPU (none on this machine)")
+_skip_without_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                                       reason="needs a CUDA GPU (none on this machine)")
+
+
+def requires_gpu(test):
+    """Skip ``test`` without a CUDA GPU, and mark it ``gpu`` so that ``pytest -m gpu`` selects the
+    GPU numerics alone (benchmarks/gpu_check.sh runs them on a lent GPU)."""
+    return pytest.mark.gpu(_skip_without_gpu(test))
 
 
 def pytest_sessionstart(session):
