@@ -79,7 +79,9 @@ from fastxmc.data.loader import build_loader
 from fastxmc.models.discriminator import DiscriminatorOutput
 from fastxmc.ops.infonce import registry as info_nce_registry
 from fastxmc.ops.infonce import request_for as info_nce_request
+from fastxmc.ops.modulated_bn import SMALL_CPU_VALUES as SMALL_MBN_VALUES
 from fastxmc.ops.modulated_bn import registry as modulated_bn_registry
+from fastxmc.ops.modulated_bn import request_for as modulated_bn_request
 from fastxmc.ops.region_word import registry as region_word_registry
 from fastxmc.ops.region_word import request_for as region_word_request
 from fastxmc.ops.word_attention import registry as word_attention_registry
@@ -417,7 +419,12 @@ def backends_in_use(device: torch.device, batch: int) -> dict:
         if op == "info_nce":
             return info_nce_request(device, torch.float32, batch * batch)
         return Request(device, torch.float32)
-    return {op: registry.select(request(op)) for op, registry in OP_REGISTRIES.items()}
+    chosen = {op: registry.select(request(op)) for op, registry in OP_REGISTRIES.items()}
+    # Modulated BN picks per call by x's size (SMALL_CPU_VALUES): name both choices when they differ.
+    small = modulated_bn_registry.select(modulated_bn_request(device, torch.float32, 1))
+    if small != chosen["modulated_batch_norm"]:
+        chosen["modulated_batch_norm"] += f" ({small} up to {SMALL_MBN_VALUES} values)"
+    return chosen
 
 
 # ---------------------------------------------------------------- measuring one (config, provider)

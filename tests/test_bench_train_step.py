@@ -34,6 +34,7 @@ def test_quick_tiny_run_writes_step_breakdown_and_loader_rows(tmp_path, capsys):
         assert float(row["images_per_s"]) == pytest.approx(
             16 / (float(row["median_ms"]) / 1e3), rel=1e-3)
     assert "word_attention=reference" in steps["reference"]["backends"]
+    assert "modulated_batch_norm=cpu (reference up to 131072 values)" in steps["fused"]["backends"]
     assert float(steps["fused"]["ratio_to_baseline"]) == pytest.approx(
         float(steps["fused"]["median_ms"]) / float(steps["reference"]["median_ms"]), rel=1e-3)
     for provider in ("fused", "reference"):

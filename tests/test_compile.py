@@ -47,3 +47,24 @@ def test_fake_tensor_shapes():
         assert row.shape == (5,) and col.shape == (7,) and row.dtype == torch.float32
         row, col = similarity_lse(a, b, torch.tensor(2.0), backend="cpu", with_cols=False)
         assert col.shape == (0,)
+
+
+def test_automatic_choice_compiles_at_small_and_changing_sizes(monkeypatch):
+    """Eager CPU calls this small take the materialized reference (the size rule); a compiled
+    graph takes the size-independent choice, which traces with fullgraph=True even when the
+    batch size changes and dynamo makes it symbolic."""
+    from fastxmc.ops.registry import IMPL_ENV
+
+    monkeypatch.delenv(IMPL_ENV, raising=False)
+    torch._dynamo.reset()
+    model = TwoTower(None)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for n in (12, 20, 28):
+        x, y, labels = torch.randn(n, 8), torch.randn(n, 5), torch.randint(0, 3, (n,))
+        eager = model(x, y, labels)
+        eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+        out = compiled(x, y, labels)
+        grads = torch.autograd.grad(out, list(model.parameters()))
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+        for g, e in zip(grads, eager_grads):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)

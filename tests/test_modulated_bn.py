@@ -10,7 +10,8 @@ from torch import nn
 
 from fastxmc.ops import modulated_batch_norm
 from fastxmc.ops.modulated_bn import registry
-from fastxmc.ops.registry import BackendUnavailableError, Request
+from fastxmc.ops import modulated_bn as ops_mbn
+from fastxmc.ops.registry import IMPL_ENV, BackendUnavailableError, Request
 from fastxmc.reference.modulated_bn import modulated_batch_norm_reference
 from tests.conftest import requires_gpu
 
@@ -271,7 +272,8 @@ def test_native_op_rejects_bad_layouts_itself():
                                                None, True, 1e-5, False)
 
 
-def test_dispatch_and_forced_backends():
+def test_dispatch_and_forced_backends(monkeypatch):
+    monkeypatch.delenv(IMPL_ENV, raising=False)
     assert registry.select(Request(torch.device("cpu"), torch.float32)) == "cpu"
     with pytest.raises(BackendUnavailableError, match="triton"):
         registry.select(Request(torch.device("cpu"), torch.float64), impl="triton")
@@ -279,6 +281,34 @@ def test_dispatch_and_forced_backends():
         registry.select(Request(torch.device("cpu"), torch.float32), impl="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         modulated_batch_norm(*_good(), impl="nope")
+
+
+def test_automatic_choice_on_cpu_takes_the_reference_only_for_small_inputs(monkeypatch):
+    """Up to SMALL_CPU_VALUES values in x the composition beats the C++ kernels' fixed costs;
+    above it, or when forced, the kernels run. The public function asks with x's size."""
+    monkeypatch.delenv(IMPL_ENV, raising=False)
+    cpu, limit = torch.device("cpu"), ops_mbn.SMALL_CPU_VALUES
+    assert registry.select(ops_mbn.request_for(cpu, torch.float32, limit)) == "reference"
+    assert registry.select(ops_mbn.request_for(cpu, torch.float32, limit + 1)) == "cpu"
+    assert registry.select(ops_mbn.request_for(cpu, torch.float32, None)) == "cpu"
+    assert registry.select(ops_mbn.request_for(cpu, torch.float32, 16), impl="cpu") == "cpu"
+    assert registry.select(ops_mbn.request_for(torch.device("meta"), torch.float32, 16)) == \
+        "reference"   # no fused backend off CPU / CUDA, small or not
+    seen = []
+    real = ops_mbn._choose_backend
+
+    def recording(device, dtype, values, impl):
+        chosen = real(device, dtype, values, impl)
+        seen.append((values, chosen))
+        return chosen
+    monkeypatch.setattr(ops_mbn, "_choose_backend", recording)
+    small = (2, 4, 4, 4)                        # 128 values
+    at_limit, above = (2, 16, 64, 64), (2, 17, 64, 64)
+    assert torch.Size(at_limit).numel() == limit
+    for shape, expected in ((small, "reference"), (at_limit, "reference"), (above, "cpu")):
+        b, c = shape[:2]
+        modulated_batch_norm(torch.randn(shape), torch.zeros(b, c), torch.zeros(b, c))
+        assert seen[-1] == (torch.Size(shape).numel(), expected)
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -320,6 +350,24 @@ def test_compiled_block_matches_eager(compiler):
     compiled_model.eval()
     eager.eval()
     torch.testing.assert_close(compiled(x, cond), eager(x, cond), rtol=1e-5, atol=1e-5)
+
+
+def test_automatic_choice_compiles_at_changing_sizes(monkeypatch):
+    """The size rule reads x.numel(); a compiled graph (where dynamo may make the shape symbolic
+    after the first size) takes the size-independent choice instead and still matches eager."""
+    monkeypatch.delenv(IMPL_ENV, raising=False)
+    torch._dynamo.reset()
+    eager, compiled_model = _Block(None), _Block(None)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    for side in (6, 8, 10):
+        x, cond = torch.randn(2, 3, side, side), torch.randn(2, 2, side, side)
+        y, want = compiled(x, cond), eager(x, cond)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        grads = torch.autograd.grad(y.square().sum(), list(compiled_model.parameters()))
+        wants = torch.autograd.grad(want.square().sum(), list(eager.parameters()))
+        for g, e in zip(grads, wants):   # the conv bias's gradient is ~0 (BN removes it)
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
 def test_fake_tensor_shapes_and_layouts():

@@ -24,6 +24,13 @@ def _choose_backend(device: torch.device, dtype: torch.dtype, impl, logits=None)
     return registry.select(request_for(device, dtype, logits), impl)
 
 
+def _local_logits(logits):
+    """The call's N x M for the size rule of :func:`request_for`, None in a compiled graph: its
+    shapes may be symbolic there, and the size-independent choice (the kernels' custom ops) traces
+    with fullgraph=True where the materialized reference's masked indexing does not."""
+    return None if torch.compiler.is_compiling() else logits
+
+
 # ---------------------------------------------------------------- positives without the N x M mask
 def _class_ids(*label_sets: torch.Tensor) -> list:
     """Dense class ids shared by every label set (static shapes: safe under torch.compile)."""
@@ -186,7 +193,7 @@ def info_nce(a, b, temperature=0.1, *, targets=None, labels=None, labels_b=None,
     out of the mean. Note XMC-GAN sums the two directions: that is ``2 * info_nce(...)``.
     """
     _check_info_nce(a, b, temperature, targets, labels, labels_b, reduction, symmetric, group)
-    local = None if group is not None else a.shape[0] * b.shape[0]
+    local = None if group is not None else _local_logits(a.shape[0] * b.shape[0])
     backend = _choose_backend(a.device, a.dtype, impl, local)
     batch = _Batch(group, a.device)
     if backend == "reference":
@@ -253,7 +260,7 @@ def supcon(features, labels, temperature=0.07, *, normalize=True, reduction="mea
     check.check_index_vector("labels", labels, features.shape[0], features.device)
     check.check_temperature(temperature)
     check.check_reduction(reduction)
-    local = None if group is not None else features.shape[0] ** 2
+    local = None if group is not None else _local_logits(features.shape[0] ** 2)
     backend = _choose_backend(features.device, features.dtype, impl, local)
     batch = _Batch(group, features.device)
     sizes, offset = batch.layout(features.shape[0])
