@@ -82,7 +82,7 @@ def wrap(module: nn.Module, env: DistEnv, *, find_unused_parameters: bool = Fals
     if not env.distributed:
         return module
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=True,
+    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=True,
                                    find_unused_parameters=find_unused_parameters)
 
 
