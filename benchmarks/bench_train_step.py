@@ -2,7 +2,7 @@
 and the data pipeline (DALI vs the torch DataLoader).
 
     python -m benchmarks.bench_train_step [--configs tiny,shapes,coco128]
-        [--providers fused,reference[,fused-bf16]]
+        [--providers fused,reference[,fused-bf16,fused-contiguous,fused-channels-last]]
         [--device cpu|cuda] [--steps K] [--warmup W] [--budget S] [--loader-batches N]
         [--coco-batch B] [--coco-width W] [--tolerance 0.05] [--quick]
         [--out benchmarks/results/train_step.csv]
@@ -25,9 +25,11 @@ Configs (``--configs``):
 
 Providers: ``fused`` = the default backend of every op (whatever the registries pick here),
 ``reference`` = ``FASTXMC_IMPL=reference`` for the whole step (the registries read it at each
-call), and, when asked for (``--providers fused,reference,fused-bf16``), ``fused-bf16`` = ``fused``
-with ``run.precision=bf16`` (bf16 autocast also on CPU, where oneDNN runs bf16 convolutions on AMX);
-its rows are compared with the ``fused`` run, so their ratio is the speed-up of bf16 alone. Both build their networks from the same seed; the ``backends`` column lists each op's
+call), and, when asked for, ``fused`` with one run setting overridden: ``fused-bf16`` with
+``run.precision=bf16`` (bf16 autocast also on CPU, where oneDNN runs bf16 convolutions on AMX),
+``fused-contiguous`` / ``fused-channels-last`` with ``run.memory_format`` (NCHW or NHWC weights
+and activations; ``auto`` is channels_last on CPU, contiguous on CUDA). Their rows are compared
+with the ``fused`` run, so their ratio is the effect of the setting alone. All build their networks from the same seed; the ``backends`` column lists each op's
 backend. The runs of one config (reference, fused and, for shapes, fused with the torch loader)
 are warmed up, then timed round robin, one step each per round, so that the load drifts of a
 shared machine hit them alike. Timed steps per run: ``--steps``, else as many as fit ``--budget``
@@ -97,10 +99,14 @@ COLUMNS = ["timestamp", "run_id", "commit", "machine", "device", "torch", "pytho
            "p20_ms", "p80_ms", "reps", "share", "images_per_s", "baseline", "baseline_ms",
            "ratio_to_baseline", "backends", "status", "note"]
 CONFIGS = ("tiny", "shapes", "coco128")
-PROVIDERS = ("fused", "reference", "fused-bf16")
+PROVIDERS = ("fused", "reference", "fused-bf16", "fused-contiguous", "fused-channels-last")
 DEFAULT_PROVIDERS = ("fused", "reference")
-# Providers that override run.precision (fused-bf16: bf16 autocast, on CPU too; see the docstring).
-PROVIDER_PRECISION = {"fused-bf16": "bf16"}
+# Providers that are ``fused`` with run settings overridden (see the docstring); their rows are
+# compared with the fused run, so their ratio is the effect of the setting alone.
+PROVIDER_RUN_SETTINGS = {"fused-bf16": {"precision": "bf16"},
+                         "fused-contiguous": {"memory_format": "contiguous"},
+                         "fused-channels-last": {"memory_format": "channels_last"}}
+LAYOUT_NAMES = {torch.channels_last: "channels_last", torch.contiguous_format: "contiguous"}
 DATA_BACKENDS = ("dali", "torch")
 PHASES = ("data", "g_fwd", "d_fwd", "loss_fwd", "loss_bwd", "d_bwd", "g_bwd", "optim", "ema",
           "other")
@@ -399,7 +405,7 @@ def provider_env(provider: str):
     """``reference``: FASTXMC_IMPL=reference for the block; ``fused``: the variable unset."""
     if provider not in PROVIDERS:
         raise ValueError(f"--providers: unknown provider {provider!r}; expected {list(PROVIDERS)}")
-    saved = os.environ.pop(IMPL_ENV, None)     # fused and fused-bf16: the variable unset
+    saved = os.environ.pop(IMPL_ENV, None)     # fused and its run-setting variants: unset
     if provider == "reference":
         os.environ[IMPL_ENV] = "reference"
     try:
@@ -475,9 +481,9 @@ class Contender:
 def prepare(bench: BenchConfig, provider: str, data_backend: str, device, warmup: int):
     """Build the run of ``provider`` (its loader, networks from the config's seed); warm it up."""
     cfg = bench.cfg
-    if provider in PROVIDER_PRECISION:
+    if provider in PROVIDER_RUN_SETTINGS:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(
-            cfg.run, precision=PROVIDER_PRECISION[provider]))
+            cfg.run, **PROVIDER_RUN_SETTINGS[provider]))
     with provider_env(provider):
         source = make_source(bench, device, data_backend)
         run = build_run(cfg, source, device)
@@ -485,8 +491,9 @@ def prepare(bench: BenchConfig, provider: str, data_backend: str, device, warmup
         begin = time.perf_counter()
         for _ in range(warmup):
             one_step(run, stream, device, instrument=False)
-        return Contender(provider, run, stream, getattr(source, "backend", "synthetic"),
-                         backends_in_use(device, bench.cfg.run.batch_size),
+        backends = backends_in_use(device, bench.cfg.run.batch_size)
+        backends["layout"] = LAYOUT_NAMES[loop.network_memory_format(cfg.run.memory_format, device)]
+        return Contender(provider, run, stream, getattr(source, "backend", "synthetic"), backends,
                          (time.perf_counter() - begin) / warmup)
 
 
@@ -603,12 +610,13 @@ def add_baselines(rows: list, baseline_of: Callable) -> None:
 
 def baseline_of(row: dict):
     """(provider, data_backend) a row is compared with: the reference run of its config (same
-    data backend), the fused fp32 run for fused-bf16, or the torch loader for the DALI loader."""
+    data backend), the fused run for the run-setting providers (fused-bf16, ...), or the torch
+    loader for the DALI loader."""
     if row["section"] == "data_loader":
         return ("loader-torch", "torch") if row["data_backend"] != "torch" else None
     if row["provider"] == "reference":
         return None
-    if row["provider"] in PROVIDER_PRECISION:
+    if row["provider"] in PROVIDER_RUN_SETTINGS:
         return "fused", row["data_backend"]
     return "reference", row["data_backend"]
 
@@ -662,11 +670,11 @@ def fused_verdicts(rows: list, tolerance: float) -> None:
               f"{sweeps.verdict(ok)}", flush=True)
 
 
-def precision_summary(rows: list) -> None:
-    """The step time of each precision-override provider against the fused fp32 run (no target:
-    bf16 changes the arithmetic, so it is a choice for the user, not a backend)."""
+def run_settings_summary(rows: list) -> None:
+    """The step time of each run-setting provider against the fused run (no target: a setting is a
+    choice for the user, not a backend; bf16 also changes the arithmetic)."""
     for row in rows:
-        if (row["section"] == "train_step" and row["provider"] in PROVIDER_PRECISION
+        if (row["section"] == "train_step" and row["provider"] in PROVIDER_RUN_SETTINGS
                 and row["metric"] == "step" and row.get("ratio_to_baseline") is not None):
             print(f"{row['provider']} vs fused {row['config']:<8} step ({row['data_backend']}) "
                   f"{row['median_ms']:9.2f} ms vs {row['baseline_ms']:9.2f} ms = "
@@ -813,7 +821,7 @@ def main(argv=None) -> int:
     print(f"# load average at the end {common.load_average()}", flush=True)
     data_wait_verdict(rows)
     fused_verdicts(rows, args.tolerance)
-    precision_summary(rows)
+    run_settings_summary(rows)
     return 0
 
 

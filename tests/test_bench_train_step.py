@@ -70,6 +70,33 @@ def test_bf16_provider_is_compared_with_the_fused_fp32_run(tmp_path, capsys):
     assert "fused-bf16 vs fused tiny" in capsys.readouterr().out
 
 
+def test_memory_format_providers_are_compared_with_the_fused_run(tmp_path, capsys, monkeypatch):
+    """fused-contiguous / fused-channels-last build their networks in that layout (one of them is
+    the fused run's own auto choice) and report their ratio to the fused run."""
+    out = tmp_path / "train_step.csv"
+    built, original = [], loop.build_networks
+
+    def recording(cfg, *args, **kwargs):
+        built.append(cfg.run.memory_format)
+        return original(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_networks", recording)
+    assert bench.main(["--configs", "tiny", "--quick", "--steps", "1", "--loader-batches", "0",
+                       "--providers", "fused,fused-contiguous,fused-channels-last",
+                       "--out", str(out)]) == 0
+    assert sorted(built) == ["auto", "channels_last", "contiguous"]
+    steps = {r["provider"]: r for r in common.read_rows(out) if r["metric"] == "step"}
+    assert "layout=channels_last" in steps["fused"]["backends"]  # auto on CPU
+    assert "layout=contiguous" in steps["fused-contiguous"]["backends"]
+    for provider in ("fused-contiguous", "fused-channels-last"):
+        assert steps[provider]["baseline"] == f"fused/{steps['fused']['data_backend']}"
+        assert float(steps[provider]["ratio_to_baseline"]) == pytest.approx(
+            float(steps[provider]["median_ms"]) / float(steps["fused"]["median_ms"]), rel=1e-3)
+    printed = capsys.readouterr().out
+    assert "fused-contiguous vs fused tiny" in printed
+    assert "fused-channels-last vs fused tiny" in printed
+
+
 def test_unknown_provider_is_rejected():
     with pytest.raises(SystemExit):
         bench.parse_args(["--providers", "fused,bf16"])

@@ -286,6 +286,66 @@ def test_bf16_cpu_run_trains_and_stays_near_fp32(tmp_path):
     assert losses["bf16"]["loss_d"] != losses["fp32"]["loss_d"]  # autocast did change the arithmetic
 
 
+def test_memory_format_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loop.network_memory_format("auto", cpu) is torch.channels_last
+    assert loop.network_memory_format("auto", cuda) is torch.contiguous_format
+    assert loop.network_memory_format("contiguous", cpu) is torch.contiguous_format
+    assert loop.network_memory_format("channels_last", cuda) is torch.channels_last
+    with pytest.raises(ValueError, match="run.memory_format must be auto, channels_last or "
+                                         "contiguous, got 'nhwc'"):
+        loop.network_memory_format("nhwc", cpu)
+
+
+def _spatial_weights(module) -> list:
+    """The effective weights of the convolutions whose kernels are larger than 1x1 (a 1x1 kernel is
+    stored the same way in both layouts)."""
+    return [m.weight for m in module.modules()
+            if isinstance(m, torch.nn.Conv2d) and m.weight[0, 0].numel() > 1]
+
+
+def test_channels_last_networks_train_like_contiguous_ones(tmp_path, cache):
+    """run.memory_format only changes the layout: the same initial values, G/D/G_ema weights and
+    Adam's state in the chosen layout, and the same losses and gradients of a joint step within
+    fp32 rounding (oneDNN sums in another order)."""
+    runs = {}
+    for fmt in ("channels_last", "contiguous"):
+        torch.manual_seed(0)
+        runs[fmt] = _manual_run(tiny(tmp_path / fmt, ("run.memory_format", fmt)), cache)
+    last, plain = runs["channels_last"].nets, runs["contiguous"].nets
+    for name in ("g", "d", "G_ema"):
+        weights = _spatial_weights(getattr(last, name))
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last)
+                               and not w.is_contiguous() for w in weights), name
+        assert all(w.is_contiguous() for w in _spatial_weights(getattr(plain, name))), name
+    for (key, a), b in zip(last.g.state_dict().items(), plain.g.state_dict().values()):
+        assert torch.equal(a, b), key
+    batch = next(iter(runs["contiguous"].loader))
+    forwards = {fmt: loop.joint_forward(run, batch) for fmt, run in runs.items()}
+    fw_last, fw_plain = forwards["channels_last"], forwards["contiguous"]
+    torch.testing.assert_close(fw_last.loss_d, fw_plain.loss_d, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fw_last.loss_g, fw_plain.loss_g, rtol=1e-5, atol=1e-5)
+    for fmt, run in runs.items():
+        loop.joint_update(run, forwards[fmt], 1)
+    for a, b in zip(last.d.parameters(), plain.d.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5)
+    spatial = [p for p in last.g.parameters() if p.dim() == 4 and p[0, 0].numel() > 1]
+    assert all(last.opt_G.state[p]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+               for p in spatial)
+
+
+def test_channels_last_checkpoint_samples_and_resumes_contiguous(tmp_path):
+    """Checkpoints hold values: a channels_last run's checkpoint loads into contiguous networks
+    (fastxmc.sample, evaluation) and resumes a contiguous run."""
+    out = tmp_path / "run"
+    loop.train(tiny(out, ("run.steps", "2"), ("run.memory_format", "channels_last")))
+    loaded = ckpt.load_run(out)
+    assert all(w.is_contiguous() for w in _spatial_weights(loaded.G_ema))
+    result = loop.train(tiny(out, ("run.steps", "3"), ("run.memory_format", "contiguous")),
+                        resume=True)
+    assert result.step == 3 and np.isfinite(read_metrics(out)[-1]["loss_g"])
+
+
 def test_supcon_run_logs_its_terms(tmp_path):
     loop.train(tiny(tmp_path, ("run.steps", "2"), ("loss.supcon", "true")))
     record = read_metrics(tmp_path)[-1]

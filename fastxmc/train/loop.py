@@ -140,6 +140,17 @@ def autocast_factory(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def network_memory_format(memory_format: str, device: torch.device) -> torch.memory_format:
+    """The ``torch.memory_format`` of ``run.memory_format`` on ``device`` (see RunConfig)."""
+    if memory_format == "auto":
+        memory_format = "channels_last" if device.type == "cpu" else "contiguous"
+    formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    if memory_format not in formats:
+        raise ValueError(f"run.memory_format must be auto, channels_last or contiguous, "
+                         f"got {memory_format!r}")
+    return formats[memory_format]
+
+
 def make_optimizer(params, lr: float, optim_cfg, device: torch.device) -> torch.optim.Optimizer:
     """Adam with the config's betas: PyTorch's fused implementation, or apex's FusedAdam."""
     params = list(params)
@@ -166,6 +177,9 @@ def build_networks(cfg: TrainConfig, text_dim: int, device: torch.device,
     (``loss.class_weight``; see :func:`d_classes`)."""
     G = Generator(text_dim=text_dim, **generator_kwargs(cfg)).to(device)
     D = Discriminator(text_dim=text_dim, num_classes=num_classes, **discriminator_kwargs(cfg)).to(device)
+    # Before the EMA copy and the optimizers: their tensors take the weights' layout.
+    memory_format = network_memory_format(cfg.run.memory_format, device)
+    G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
     if cfg.model.whiten_sentences:
         if sentences is None:
             raise ValueError("model.whiten_sentences needs the training captions' sentence embeddings")
