@@ -132,6 +132,30 @@ def test_bf16_autocast_pretrains_on_cpu(tmp_path):
     assert first["bf16"] == pytest.approx(first["fp32"], rel=0.05)
 
 
+def test_channels_last_pretrains_like_contiguous(tmp_path, monkeypatch):
+    """run.memory_format=channels_last: the image tower's 3x3 weights in NHWC, the first step's
+    loss equal to the contiguous run's within fp32 rounding, dual_encoder.pt loading contiguous."""
+    first, built = {}, []
+    original = loop.make_optimizer
+
+    def recording(params, *args, **kwargs):
+        params = list(params)
+        built.append([p for p in params if p.dim() == 4 and p[0, 0].numel() > 1])
+        return original(params, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "make_optimizer", recording)
+    for fmt in ("channels_last", "contiguous"):
+        loop.pretrain(tiny(tmp_path / fmt, ("run.steps", "2"), ("run.memory_format", fmt)))
+        first[fmt] = read_metrics(tmp_path / fmt)[0]["loss"]
+    cl_weights, plain_weights = built
+    assert cl_weights and all(w.is_contiguous(memory_format=torch.channels_last)
+                              and not w.is_contiguous() for w in cl_weights)
+    assert all(w.is_contiguous() for w in plain_weights)
+    assert first["channels_last"] == pytest.approx(first["contiguous"], rel=1e-5)
+    model = DualEncoder.load(tmp_path / "channels_last" / loop.MODEL_FILE)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["--preset", "tiny", "--out", str(out), "--steps", "1", "--quiet", "--run.tensorboard=false"]

@@ -65,6 +65,9 @@ class PretrainRunConfig:
     keep_checkpoints: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # The image tower's layout, as the training engine's run.memory_format (auto: channels_last on
+    # CPU, contiguous on CUDA); dual_encoder.pt holds values and loads into either.
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     threads: int = 0
     tensorboard: bool = True
     quiet: bool = False

@@ -30,8 +30,8 @@ from fastxmc.train import checkpoint as ckpt
 from fastxmc.train.distributed import DistEnv, any_rank, barrier, init_distributed, shutdown, unwrap, wrap
 from fastxmc.train.logging import RunLogger
 from fastxmc.train.loop import (Meter, NonFiniteLossError, StopSignal, autocast_factory, batch_stream,
-                                due, fetch, load_resume_state, make_optimizer, prepare_run_dir,
-                                seed_everything)
+                                due, fetch, load_resume_state, make_optimizer, network_memory_format,
+                                prepare_run_dir, seed_everything)
 from fastxmc.train.losses import pair_labels
 
 
@@ -159,7 +159,8 @@ def build_run(cfg: PretrainConfig, env: DistEnv, run_dir: Path, progress: bool) 
     loader = build_loader(cfg.data, split="train", batch_size=cfg.run.batch_size, rank=env.rank,
                           world_size=env.world_size, seed=cfg.run.seed, device=env.device,
                           progress=progress)
-    model = DualEncoder(dual_encoder_config(cfg, loader.text_dim)).to(env.device)
+    model = DualEncoder(dual_encoder_config(cfg, loader.text_dim)).to(
+        env.device, memory_format=network_memory_format(cfg.run.memory_format, env.device))
     opt = make_optimizer(model.parameters(), cfg.optim.lr, cfg.optim, env.device)
     return PretrainRun(cfg, env, run_dir, loader, model, opt,
                        autocast_factory(cfg.run.precision, env.device), loader.text_dim)
