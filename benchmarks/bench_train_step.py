@@ -29,8 +29,9 @@ call), and, when asked for, ``fused`` with one run setting overridden: ``fused-b
 ``run.precision=bf16`` (bf16 autocast also on CPU, where oneDNN runs bf16 convolutions on AMX),
 ``fused-contiguous`` / ``fused-channels-last`` with ``run.memory_format`` (NCHW or NHWC weights
 and activations; ``auto`` is channels_last on CPU, contiguous on CUDA). Their rows are compared
-with the ``fused`` run, so their ratio is the effect of the setting alone. All build their networks from the same seed; the ``backends`` column lists each op's
-backend. The runs of one config (reference, fused and, for shapes, fused with the torch loader)
+with the ``fused`` run, so their ratio is the effect of the setting alone. All build their
+networks from the same seed; the ``backends`` column lists each op's backend and the networks'
+layout. The runs of one config (reference, fused and, for shapes, fused with the torch loader)
 are warmed up, then timed round robin, one step each per round, so that the load drifts of a
 shared machine hit them alike. Timed steps per run: ``--steps``, else as many as fit ``--budget``
 seconds, 3 to 20, but never more than fit twice the budget (at least one): pass ``--steps`` for

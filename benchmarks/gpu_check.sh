@@ -7,7 +7,8 @@
 #   tests    the GPU numerics (pytest -m gpu) with compiled Triton (TRITON_INTERPRET=0)
 #   kernels  the kernel microbenchmarks on the GPU (InfoNCE, SupCon, region-word, modulation,
 #            word attention), each against its peers in the same run
-#   train    bench_train_step on the GPU (coco128 at width 96, and the shapes preset)
+#   train    bench_train_step on the GPU (coco128 at width 96, and the shapes preset; fused,
+#            reference, and fused in channels_last, which run.memory_format=auto leaves off on CUDA)
 #
 # No stage named: build and tests. Logs and CSVs go to $OUT (default /tmp/gpu_check); PYTHON picks
 # the interpreter (default python3, the one that holds a CUDA build of torch); ARCH the compute
@@ -60,7 +61,8 @@ for stage in "${stages[@]}"; do
         --out "$OUT/word_attention.csv" ;;
     train)
       run_stage train_step $PYTHON -m benchmarks.bench_train_step --device cuda \
-        --configs coco128,shapes ${TRAIN_STEP_ARGS:-} --out "$OUT/train_step.csv" ;;
+        --configs coco128,shapes --providers fused,reference,fused-channels-last \
+        ${TRAIN_STEP_ARGS:-} --out "$OUT/train_step.csv" ;;
     *) echo "unknown stage $stage (build, tests, kernels, train)" >&2; exit 2 ;;
   esac
 done
