@@ -220,8 +220,8 @@ def preset_shapes() -> TrainConfig:
     Measured at 2500 steps, seeds 0 and 1: shape 0.42 / 0.45 (chance 0.18; 0.18-0.21 before),
     position 0.84 / 0.83 (named 1.00 / 0.99; 0.47 before), R-precision 0.58 / 0.60 (0.43), about
     25% more time per step. Continued to 4000 steps (the preset's length since then; about 28 min
-    in fp32 on 2 idle cores at 0.41-0.42 s per step): shape 0.70 / 0.74, position named 1.00 /
-    1.00, R-precision 0.63 / 0.63."""
+    in fp32 on 2 idle AMD EPYC cores at 0.41-0.42 s per step, 49 min on a slower 2-core Xeon with
+    channels_last weights): shape 0.70 / 0.74, position named 1.00 / 1.00, R-precision 0.63 / 0.63."""
     cfg = TrainConfig(preset="shapes")
     # No horizontal flips: the captions name left and right.
     _set(cfg.data, resolution=32, shapes_train=5000, flip=False, shapes_max_objects=1,
