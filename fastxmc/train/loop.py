@@ -175,11 +175,11 @@ def build_networks(cfg: TrainConfig, text_dim: int, device: torch.device,
     ``model.whiten_sentences``, G's and D's whitening is fitted to ``sentences`` (the training
     captions' embeddings) before G_ema is copied from G. ``num_classes`` > 0 gives D its class head
     (``loss.class_weight``; see :func:`d_classes`)."""
-    G = Generator(text_dim=text_dim, **generator_kwargs(cfg)).to(device)
-    D = Discriminator(text_dim=text_dim, num_classes=num_classes, **discriminator_kwargs(cfg)).to(device)
-    # Before the EMA copy and the optimizers: their tensors take the weights' layout.
+    # The layout is set before the EMA copy and the optimizers: their tensors take the weights'.
     memory_format = network_memory_format(cfg.run.memory_format, device)
-    G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
+    G = Generator(text_dim=text_dim, **generator_kwargs(cfg)).to(device, memory_format=memory_format)
+    D = Discriminator(text_dim=text_dim, num_classes=num_classes,
+                      **discriminator_kwargs(cfg)).to(device, memory_format=memory_format)
     if cfg.model.whiten_sentences:
         if sentences is None:
             raise ValueError("model.whiten_sentences needs the training captions' sentence embeddings")
