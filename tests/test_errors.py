@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastxmc.losses import InfoNCELoss, info_nce, supcon
+from fastxmc.losses import InfoNCELoss, info_nce, region_word_loss, supcon
 
 A, B = torch.randn(4, 3), torch.randn(4, 3)
 
@@ -33,6 +33,12 @@ A, B = torch.randn(4, 3), torch.randn(4, 3)
     (lambda: supcon(A, torch.tensor([0., 1, 1, 0])), TypeError, "labels must have an integer dtype"),
     (lambda: supcon(A.int(), torch.arange(4)), TypeError, "features must be float32"),
     (lambda: InfoNCELoss(temperature=0), ValueError, "temperature must be positive"),
+    (lambda: info_nce(torch.randn(0, 3), torch.randn(0, 3)), ValueError, "a has no rows"),
+    (lambda: info_nce(A, torch.randn(0, 3), targets=torch.zeros(4, dtype=torch.long)), ValueError, "b has no rows"),
+    (lambda: info_nce(torch.randn(0, 3), B, targets=torch.zeros(0, dtype=torch.long)), ValueError, "a has no rows"),
+    (lambda: info_nce(torch.randn(4, 0), torch.randn(4, 0)), ValueError, "a has no features"),
+    (lambda: supcon(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)), ValueError, "features has no rows"),
+    (lambda: region_word_loss(torch.randn(0, 4, 3), torch.randn(0, 5, 3), torch.ones(0, 5, dtype=torch.bool)), ValueError, "regions has no images"),
 ])
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):

@@ -103,8 +103,8 @@ def _reduce(terms, has_pos, reduction, batch: _Batch):
 
 # ---------------------------------------------------------------- info_nce
 def _check_info_nce(a, b, temperature, targets, labels, labels_b, reduction, symmetric, group):
-    check.check_embeddings("a", a)
-    check.check_embeddings("b", b, dim=a.shape[1])
+    check.check_embeddings("a", a, allow_empty=group is not None)
+    check.check_embeddings("b", b, dim=a.shape[1], allow_empty=group is not None)
     check.check_same("a", a, "b", b)
     check.check_temperature(temperature)
     check.check_reduction(reduction)
@@ -256,7 +256,7 @@ def supcon(features, labels, temperature=0.07, *, normalize=True, reduction="mea
     ``base_temperature == temperature``, except that SupContrast counts anchors without positives
     in the mean (as 0, or NaN in its older releases) where fastxmc leaves them out.
     """
-    check.check_embeddings("features", features)
+    check.check_embeddings("features", features, allow_empty=group is not None)
     check.check_index_vector("labels", labels, features.shape[0], features.device)
     check.check_temperature(temperature)
     check.check_reduction(reduction)

@@ -24,6 +24,9 @@ def _check(regions, words, word_mask, gammas: dict) -> None:
     if words.shape[2] != regions.shape[2]:
         raise ValueError(f"regions have d = {regions.shape[2]} features but words have "
                          f"{words.shape[2]}; project one side first")
+    if regions.shape[0] == 0:
+        raise ValueError(f"regions has no images (shape {tuple(regions.shape)}): the matching loss "
+                         "needs at least one image-caption pair")
     if regions.shape[1] == 0 or words.shape[1] == 0:
         raise ValueError(f"regions {tuple(regions.shape)} and words {tuple(words.shape)} must not be empty")
     check_word_mask(word_mask, words)

@@ -14,13 +14,20 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def check_embeddings(name: str, x, dim: int | None = None) -> None:
+def check_embeddings(name: str, x, dim: int | None = None, *, allow_empty: bool = False) -> None:
+    """A 2-D float tensor of rows; ``allow_empty``: zero rows are fine (a rank's empty shard when
+    the loss gathers rows from a process group, whose other ranks hold the rows)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}")
+    if x.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} has no rows (shape {tuple(x.shape)}): a contrastive loss needs at "
+                         "least one row")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} has {x.shape[1]} features but the other input has {dim}")
 
