@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fastxmc.atomic import FileWriteError
 from fastxmc.train.checkpoint import load_run
 from fastxmc.train.samples import SampleSet, render_grid, generate, write_grid
 
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise vectors")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--checkpoint", default=None, help="a checkpoint file (default: the latest)")
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint file (default: the newest valid one)")
     args = parser.parse_args(argv)
     try:
         grid, run = sample_grid(args.run, args.caption, args.n, args.seed, args.device,
@@ -77,7 +78,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"fastxmc.sample: error: {err}", file=sys.stderr)
         return 2
-    path = write_grid(grid, args.out)
+    try:
+        path = write_grid(grid, args.out)
+    except FileWriteError as err:
+        print(f"fastxmc.sample: error: {err}", file=sys.stderr)
+        return 3
     print(f"wrote {path} ({len(args.caption)} x {args.n} samples, step {run.step} of {Path(args.run)})")
     return 0
 

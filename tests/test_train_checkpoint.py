@@ -35,7 +35,7 @@ def test_checkpoints_rotate_and_load_with_weights_only(tmp_path):
 
 def test_checkpoint_of_an_unknown_format_is_rejected(tmp_path):
     torch.save({"format": 99, "step": 1}, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="not a fastxmc checkpoint of format 1"):
+    with pytest.raises(ckpt.CheckpointError, match=r"x.pt is unusable: not a fastxmc checkpoint of format 2 \(found 99\)"):
         ckpt.load_checkpoint(tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         ckpt.load_checkpoint(tmp_path / "missing.pt")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastxmc.atomic import FileWriteError
+
 from fastxmc.eval.run import EvalOptions, evaluate
 
 
@@ -40,6 +42,9 @@ def main(argv=None) -> int:
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
         metrics = evaluate(opts)
+    except FileWriteError as err:
+        print(f"fastxmc.eval: error: {err}", file=sys.stderr)
+        return 3
     except (FileNotFoundError, ValueError) as err:
         print(f"fastxmc.eval: error: {err}", file=sys.stderr)
         return 2

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +29,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastxmc.atomic import atomic_torch_save, state_digest
 
 __all__ = ["DualEncoderConfig", "ImageEncoding", "TextEncoding", "ImageEncoder", "TextEncoder",
            "DualEncoder", "DUAL_ENCODER_FILE"]
@@ -230,28 +230,28 @@ class DualEncoder(nn.Module):
         return image @ text.T
 
     def save(self, path) -> Path:
-        """Write config and weights atomically (temp file, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            torch.save({"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.config),
-                        "state_dict": self.state_dict()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        """Write config, weights and their digest atomically (:mod:`fastxmc.atomic`)."""
+        payload = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.config),
+                   "state_dict": self.state_dict()}
+        payload["digest"] = state_digest(payload)
+        return atomic_torch_save(payload, path)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "DualEncoder":
-        """A model written by :meth:`save` (``weights_only=True``), in eval mode."""
+        """A model written by :meth:`save` (``weights_only=True``, digest verified), in eval mode."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"dual encoder checkpoint {path} not found")
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # a damaged zip archive or pickle, reported in many ways
+            raise ValueError(f"dual encoder checkpoint {path} is unreadable ({type(err).__name__}: "
+                             f"{(str(err).strip().splitlines() or [''])[0][:200]})") from err
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a dual encoder checkpoint (format {CHECKPOINT_FORMAT})")
+        if "digest" in payload and payload["digest"] != state_digest(payload):
+            raise ValueError(f"dual encoder checkpoint {path} is corrupt: its contents do not match "
+                             "its digest")
         model = cls(DualEncoderConfig(**payload["config"]))
         model.load_state_dict(payload["state_dict"])
         return model.eval()

@@ -182,7 +182,8 @@ Writes DIR/config.json, DIR/metrics.jsonl, DIR/checkpoints/ (for --resume) and D
   --supcon              label-guided SupCon terms (= --loss.supcon=true)
   --global-negatives    contrastive negatives from every rank (= --loss.global_negatives=true)
   --quiet               no progress output (= --run.quiet=true)
-  --resume              continue the run in --out from its latest checkpoint
+  --resume              continue the run in --out from its newest valid checkpoint
+  --debug               show the full traceback of a failure (also FASTXMC_DEBUG=1)
   --section.key=value   any config field; sections: data, model, optim, loss, run
 
 Multi-GPU: torchrun --nproc_per_node=N -m fastxmc.pretrain ...

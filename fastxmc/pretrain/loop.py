@@ -27,11 +27,12 @@ from fastxmc.losses import info_nce, region_word_loss, supcon
 from fastxmc.models.dual_encoder import DUAL_ENCODER_FILE as MODEL_FILE, DualEncoder
 from fastxmc.pretrain.config import PretrainConfig, config_to_dict, dual_encoder_config
 from fastxmc.train import checkpoint as ckpt
-from fastxmc.train.distributed import DistEnv, any_rank, barrier, init_distributed, shutdown, unwrap, wrap
+from fastxmc.train.distributed import (DistEnv, any_rank, barrier, init_distributed, peer_lost_error,
+                                       shutdown, unwrap, wrap)
 from fastxmc.train.logging import RunLogger
 from fastxmc.train.loop import (Meter, NonFiniteLossError, StopSignal, autocast_factory, batch_stream,
                                 due, fetch, load_resume_state, make_optimizer, network_memory_format,
-                                prepare_run_dir, seed_everything)
+                                prepare_run_dir, seed_everything, write_run_config)
 from fastxmc.train.losses import pair_labels
 
 
@@ -220,6 +221,11 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         return pretrain_loop(cfg, env, resume)
+    except RuntimeError as err:
+        lost = peer_lost_error(env, err)
+        if lost is None:
+            raise
+        raise lost from err
     finally:
         torch.set_num_threads(threads)
         shutdown(env)
@@ -227,10 +233,11 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
 
 def pretrain_loop(cfg: PretrainConfig, env: DistEnv, resume: bool) -> PretrainResult:
     r = cfg.run
-    state = load_resume_state(cfg) if resume else None
+    state = load_resume_state(cfg, env, ckpt.PRETRAIN_KEYS) if resume else None
     run_dir = prepare_run_dir(cfg, env, None if state is None else int(state["step"]))
     seed_everything(r.seed)
     run = build_run(cfg, env, run_dir, progress=env.is_main and not r.quiet)
+    write_run_config(cfg, env, run_dir, run.loader)
     start = restore_state(state, run) if state is not None else 0
     del state
     run.model = wrap(run.model, env, find_unused_parameters=not (cfg.loss.word_weight and
@@ -266,7 +273,9 @@ def pretrain_loop(cfg: PretrainConfig, env: DistEnv, resume: bool) -> PretrainRe
         if start >= r.steps:
             logger.message(f"nothing to do: the run is at step {start} >= run.steps={r.steps}")
     finally:
-        stop.restore()
+        # Unwinding from a failure of a torchrun job: torchrun is about to SIGTERM this process;
+        # keep catching it so the one-line report of what failed gets out.
+        stop.restore(keep_sigterm=env.distributed and sys.exc_info()[0] is not None)
         logger.close()
     model_path = run_dir / MODEL_FILE
     return PretrainResult(run_dir, step, status, last_ckpt, model_path if model_path.is_file() else None,

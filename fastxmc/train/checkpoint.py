@@ -4,6 +4,8 @@ A checkpoint (``DIR/checkpoints/ckpt-<step>.pt``) is a dict of tensors and plain
 that it loads with ``torch.load(..., weights_only=True)``:
 
     format    FORMAT_VERSION
+    digest    BLAKE2b of every other entry (:func:`state_digest`): a flipped bit anywhere in the
+              stored values or a file cut short is found at load time
     step      completed G steps
     G, D, G_ema           state_dicts (unwrapped from DDP)
     opt_G, opt_D          optimizer state_dicts
@@ -13,24 +15,41 @@ that it loads with ``torch.load(..., weights_only=True)``:
     config    the resolved train config (dict)
     text_dim  width of the text embeddings the networks were built for
 
-It is written to a temporary file in the same directory and renamed over the final name
-(``os.replace`` is atomic), so a crash never leaves a half-written checkpoint; the newest
-``keep`` are kept.
+(``fastxmc.pretrain`` writes ``model`` and ``opt`` instead of the networks.) A checkpoint is
+written through :func:`fastxmc.atomic.atomic_torch_save` and read back and verified before it
+takes its final name; only then are older ones beyond the newest ``keep`` removed. Every loader
+verifies what it reads (:func:`load_checkpoint`); ``--resume`` takes the newest checkpoint that
+passes, setting each one that fails aside as ``<name>.bad`` (:func:`newest_valid_checkpoint`).
 """
 from __future__ import annotations
 
-import os
 import random
 import re
+import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+from fastxmc.atomic import atomic_torch_save, remove_stale_temporaries, state_digest
+
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1 has no digest: it loads, its contents unverified
 CHECKPOINT_DIR = "checkpoints"
+BAD_SUFFIX = ".bad"
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+TRAIN_KEYS = ("step", "G", "D", "G_ema", "opt_G", "opt_D", "data", "rng", "config", "text_dim")
+PRETRAIN_KEYS = ("step", "model", "opt", "data", "rng", "config", "text_dim")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupt, or inconsistent with its name.
+    ``str()`` names the file and the reason; ``reason`` is the reason alone."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"checkpoint {self.path} is unusable: {reason}")
 
 
 def checkpoint_path(run_dir, step: int) -> Path:
@@ -38,7 +57,7 @@ def checkpoint_path(run_dir, step: int) -> Path:
 
 
 def list_checkpoints(run_dir) -> list:
-    """The run's checkpoint files, oldest first."""
+    """The run's checkpoint files, oldest first (files set aside as ``.bad`` are not listed)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
@@ -47,34 +66,109 @@ def list_checkpoints(run_dir) -> list:
 
 
 def latest_checkpoint(run_dir) -> Path | None:
+    """The newest checkpoint file by name, unverified (see :func:`newest_valid_checkpoint`)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def save_checkpoint(state: dict, run_dir, keep: int) -> Path:
-    """Write ``state`` atomically as ``ckpt-<state['step']>.pt`` and keep the newest ``keep``."""
-    if keep < 1:
-        raise ValueError(f"run.keep_checkpoints must be >= 1, got {keep}")
-    path = checkpoint_path(run_dir, state["step"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": FORMAT_VERSION, **state}, tmp)
-    os.replace(tmp, path)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink()
-    return path
+# ---------------------------------------------------------------- integrity
+def _short_reason(err: BaseException) -> str:
+    """One short clause for a failed torch.load (its zip reader's messages run to three lines)."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "not a complete zip archive (cut short or overwritten)"
+    sentence = text.split(". ")[0]
+    return f"{type(err).__name__}: {sentence[:120]}"
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True`` and check its format version."""
+def _read(path: Path, map_location) -> dict:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch reports a damaged zip archive or pickle in many ways
+        raise CheckpointError(path, f"unreadable, {_short_reason(err)}") from err
+
+
+def verify_state(path: Path, state, required: Iterable[str] = ()) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` is a readable-format checkpoint whose digest
+    matches, that holds ``required`` and whose step agrees with its file name."""
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(path, f"not a fastxmc checkpoint of format {FORMAT_VERSION} "
+                                    f"(found {found})")
+    if state["format"] >= 2 and state.get("digest") != state_digest(state):
+        raise CheckpointError(path, "its contents do not match its digest (the file is corrupt)")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(path, f"it lacks {missing} (written by another program?)")
+    named = _NAME.match(path.name)
+    if named and "step" in state and int(named.group(1)) != int(state["step"]):
+        raise CheckpointError(path, f"it holds step {state['step']}, its name says "
+                                    f"{int(named.group(1))}")
+
+
+def load_checkpoint(path, map_location="cpu", required: Iterable[str] = ()) -> dict:
+    """Load a checkpoint with ``weights_only=True`` and verify it (:func:`verify_state`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a fastxmc checkpoint of format {FORMAT_VERSION} (found {found})")
+    state = _read(path, map_location)
+    verify_state(path, state, required)
     return state
+
+
+def save_checkpoint(state: dict, run_dir, keep: int) -> Path:
+    """Write ``state`` as ``ckpt-<state['step']>.pt``: atomically, read back and verified before
+    it replaces anything; then remove the checkpoints older than the newest ``keep``."""
+    if keep < 1:
+        raise ValueError(f"run.keep_checkpoints must be >= 1, got {keep}")
+    path = checkpoint_path(run_dir, state["step"])
+    payload = {"format": FORMAT_VERSION, **state}
+    payload["digest"] = state_digest(payload)
+    required = [k for k in payload if k not in ("format", "digest")]
+    atomic_torch_save(payload, path,
+                      verify=lambda tmp: verify_state(path, _read(tmp, "cpu"), required))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a bad checkpoint to ``<name>.bad`` (``.bad-2``, ... if taken); never delete it."""
+    target, n = path.with_name(path.name + BAD_SUFFIX), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{BAD_SUFFIX}-{n}")
+    path.rename(target)
+    return target
+
+
+def newest_valid_checkpoint(run_dir, *, required: Iterable[str] = (), rename_bad: bool = False,
+                            warn: Callable[[str], None] = lambda message: None) -> tuple:
+    """``(path, state)`` of the newest checkpoint of ``run_dir`` that loads and verifies.
+
+    Each newer one that fails is reported through ``warn`` (one line: file and reason) and, with
+    ``rename_bad``, set aside (:func:`set_aside`). With none valid, raises
+    :class:`FileNotFoundError` listing every file tried and why it failed.
+    """
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if rename_bad:
+        remove_stale_temporaries(folder)  # the partial file of a write that was killed
+    tried = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path, required=required)
+        except (CheckpointError, FileNotFoundError) as err:
+            reason = err.reason if isinstance(err, CheckpointError) else "it vanished while read"
+            tried.append(f"{path.name} ({reason})")
+            kept = ""
+            if rename_bad and path.exists():
+                kept = f"; kept as {set_aside(path).name}"
+            warn(f"checkpoint {path} is unusable: {reason}{kept}; trying the one before it")
+    if not tried:
+        raise FileNotFoundError(f"no checkpoint in {folder}")
+    raise FileNotFoundError(f"no valid checkpoint in {folder}; tried {', '.join(tried)}")
 
 
 # ---------------------------------------------------------------- RNG states as plain data
@@ -111,19 +205,28 @@ class LoadedRun(NamedTuple):
     D: torch.nn.Module | None = None  # with load_run(..., discriminator=True): in eval mode
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def load_run(run_dir, *, device="cpu", checkpoint=None, discriminator: bool = False) -> LoadedRun:
-    """Config and G_ema of a run (its latest checkpoint, or ``checkpoint``), and D when asked for:
-    used by ``python -m fastxmc.sample`` and the evaluation."""
+    """Config and G_ema of a run, and D when asked for: used by ``python -m fastxmc.sample`` and the
+    evaluation. ``checkpoint``: that file (verified); else the newest valid checkpoint of
+    ``run_dir``, with a warning naming each newer one that failed verification (left in place:
+    reading a run never changes it)."""
     from fastxmc.models import Discriminator, Generator
     from fastxmc.train.config import config_from_dict, discriminator_kwargs, generator_kwargs
 
     run_dir = Path(run_dir)
-    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
-    if path is None:
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        state = load_checkpoint(path, required=TRAIN_KEYS)
+    elif not list_checkpoints(run_dir):
         raise FileNotFoundError(f"{run_dir} has no checkpoints (looked in "
                                 f"{run_dir / CHECKPOINT_DIR}); train it first with "
                                 f"python -m fastxmc.train --out {run_dir}")
-    state = load_checkpoint(path)
+    else:
+        path, state = newest_valid_checkpoint(run_dir, required=TRAIN_KEYS, warn=_warn)
     config = config_from_dict(state["config"])
     generator = Generator(text_dim=state["text_dim"], **generator_kwargs(config))
     generator.load_state_dict(state["G_ema"])

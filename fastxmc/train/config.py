@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Union
 
+from fastxmc.atomic import atomic_write_text
 from fastxmc.data.config import DataConfig
 
 SECTIONS = ("data", "model", "optim", "loss", "run")
+RESOLVED_KEY = "resolved"  # config.json's record of start-up decisions; not a setting
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _NONE = ("none", "null")
 
@@ -492,7 +494,7 @@ class ConfigFamily:
     def config_from_dict(self, d: dict):
         """Inverse of :func:`config_to_dict` (JSON lists become the annotated tuples); unknown
         sections and keys raise; keys a saved config lacks keep their defaults."""
-        unknown = sorted(set(d) - {"preset", *SECTIONS})
+        unknown = sorted(set(d) - {"preset", RESOLVED_KEY, *SECTIONS})
         if unknown:
             raise ValueError(f"unknown {self.kind} config sections {unknown}; known: {list(SECTIONS)}")
         cfg = self.make(preset=d.get("preset", "shapes"))
@@ -542,11 +544,13 @@ def _section_dict(section) -> dict:
     return dataclasses.asdict(section)
 
 
-def write_config(cfg: TrainConfig, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    tmp.replace(path)
+def write_config(cfg: TrainConfig, path, resolved: dict | None = None) -> None:
+    """The config as JSON, atomically; ``resolved``: facts decided at start-up (e.g. the data
+    backend and why), kept under ``"resolved"``, which reading the file back ignores."""
+    payload = config_to_dict(cfg)
+    if resolved:
+        payload[RESOLVED_KEY] = resolved
+    atomic_write_text(json.dumps(payload, indent=2) + "\n", path)
 
 
 # ---------------------------------------------------------------- the command line
@@ -568,8 +572,10 @@ Train XMC-GAN. With no arguments: the embedded shapes dataset, on the CPU or the
   --supcon              label-guided SupCon extension (= --loss.supcon=true)
   --global-negatives    contrastive negatives from every rank (= --loss.global_negatives=true)
   --quiet               no progress output (= --run.quiet=true)
-  --resume              continue the run in --out from its latest checkpoint, with its saved
-                        config.json plus the options given here (e.g. a larger --steps)
+  --resume              continue the run in --out from its newest valid checkpoint (a damaged
+                        newer one is set aside as .bad), with its saved config.json plus the
+                        options given here (e.g. a larger --steps)
+  --debug               show the full traceback of a failure (also FASTXMC_DEBUG=1)
   --section.key=value   any config field, type-checked; sections: data, model, optim, loss, run
 
 Shortcuts and overrides apply in command-line order, after the preset.
@@ -589,6 +595,7 @@ class CommandLine:
     overrides: list = field(default_factory=list)
     resume: bool = False
     help: bool = False
+    debug: bool = False
 
 
 def _split_option(args: list, i: int) -> tuple:
@@ -611,6 +618,9 @@ def parse_command_line(argv) -> CommandLine:
         if name == "--resume":
             cli.resume = True if value is None else parse_value(value, bool, "resume")
             continue
+        if name == "--debug":
+            cli.debug = True if value is None else parse_value(value, bool, "debug")
+            continue
         if name in FLAGS:
             cli.overrides.append((FLAGS[name], "true" if value is None else value))
             continue
@@ -625,7 +635,7 @@ def parse_command_line(argv) -> CommandLine:
         elif "." in name:
             cli.overrides.append((name[2:], value))
         else:
-            options = ["--preset", "--resume", *SHORTCUTS, *FLAGS]
+            options = ["--preset", "--resume", "--debug", *SHORTCUTS, *FLAGS]
             close = difflib.get_close_matches(name, options, n=1)
             hint = f"; did you mean {close[0]}?" if close else "; see --help"
             raise ValueError(f"unknown option {name}{hint}")

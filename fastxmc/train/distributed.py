@@ -17,7 +17,9 @@ world size) and rank 0 alone writes the run directory.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+import socket
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,8 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    # (host name, pid) of every rank, gathered at start: names the rank that was lost
+    processes: tuple = field(default=(), compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -68,7 +72,63 @@ def init_distributed(device_preference: str) -> DistEnv:
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-    return DistEnv(rank, world_size, local_rank, device)
+    processes = ()
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (socket.gethostname(), os.getpid()))
+        processes = tuple(gathered)
+    return DistEnv(rank, world_size, local_rank, device, processes)
+
+
+class PeerLostError(RuntimeError):
+    """Another rank of the job died or stopped answering: the collectives cannot go on."""
+
+
+def lost_ranks(env: DistEnv) -> list:
+    """Ranks on this host whose process no longer exists (others cannot be checked from here)."""
+    here, lost = socket.gethostname(), []
+    for rank, (host, pid) in enumerate(env.processes):
+        if rank == env.rank or host != here:
+            continue
+        if not _alive(pid):
+            lost.append(rank)
+    return lost
+
+
+def _alive(pid: int) -> bool:
+    """False for a process that is gone or a zombie (dead, not yet reaped by torchrun)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def peer_lost_error(env: DistEnv, err: BaseException) -> PeerLostError | None:
+    """A :class:`PeerLostError` naming the lost rank(s) when ``err`` is a failed collective of a
+    distributed run; ``None`` for any other error (the caller re-raises it)."""
+    if not env.distributed or not isinstance(err, RuntimeError) or isinstance(err, PeerLostError):
+        return None
+    text = str(err)
+    collective = isinstance(err, getattr(dist, "DistError", ())) or any(
+        mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset",
+                                  "Broken pipe", "timed out"))
+    if not collective:
+        return None
+    lost = lost_ranks(env)
+    who = (f"rank {', '.join(map(str, lost))} is gone" if lost else
+           "another rank stopped answering (on another host, or still shutting down)")
+    first = (text.strip().splitlines() or [type(err).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo prefixes its source line
+    return PeerLostError(f"rank {env.rank} of {env.world_size}: {who}, so the collectives cannot "
+                         f"go on ({first[:120]})")
 
 
 def shutdown(env: DistEnv) -> None:

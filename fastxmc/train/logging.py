@@ -18,8 +18,23 @@ from pathlib import Path
 
 import numpy as np
 
+from fastxmc.atomic import append_line, atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+def _records(text: str) -> list:
+    """Parse metrics lines; a last line cut short (the process was killed mid-write) is dropped."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
 
 
 def truncate_metrics(run_dir, last_step: int) -> None:
@@ -27,15 +42,13 @@ def truncate_metrics(run_dir, last_step: int) -> None:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in _records(path.read_text()) if r["step"] <= last_step]
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), path)
 
 
 def read_metrics(run_dir) -> list:
     """The logged records of a run, in order."""
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _records((Path(run_dir) / METRICS_FILE).read_text())
 
 
 def _format_seconds(seconds: float) -> str:
@@ -67,10 +80,10 @@ class RunLogger:
         self.enabled, self.quiet = enabled, quiet
         self.run_dir = Path(run_dir)
         self.total_steps, self._start = total_steps, (start_step, time.perf_counter())
-        self._metrics = self._writer = self._bar = None
+        self._writer = self._bar = None
+        self._metrics = self.run_dir / METRICS_FILE
         if not enabled:
             return
-        self._metrics = open(self.run_dir / METRICS_FILE, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
@@ -83,7 +96,7 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _json_value(v) for k, v in values.items()}}
-        self._metrics.write(json.dumps(record) + "\n")
+        append_line(self._metrics, json.dumps(record))
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(f"train/{key}", float(value), step)
@@ -129,7 +142,7 @@ class RunLogger:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        for handle in (self._bar, self._writer, self._metrics):
+        for handle in (self._bar, self._writer):
             if handle is not None:
                 handle.close()
-        self._metrics = self._writer = self._bar = None
+        self._writer = self._bar = None

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastxmc.atomic import FileWriteError
 from fastxmc.data.loader import build_loader
 from fastxmc.models import Discriminator, Generator
 from fastxmc.train import checkpoint as ckpt
@@ -50,7 +52,8 @@ from fastxmc.train.config import (TrainConfig, config_to_dict, discriminator_kwa
 from fastxmc.train.counterfactual import build_counterfactual_term
 from fastxmc.train.negatives import CaptionNegatives, build_negatives
 from fastxmc.train.distributed import (DistEnv, any_rank, barrier, gather_objects, init_distributed,
-                                       parameter_fingerprint, shutdown, unwrap, wrap)
+                                       parameter_fingerprint, peer_lost_error, shutdown, unwrap,
+                                       wrap)
 from fastxmc.train.ema import ema_decay_at, make_ema, recompute_bn_statistics, update_ema
 from fastxmc.train.logging import RunLogger, truncate_metrics
 from fastxmc.train.losses import (FrozenClassifier, FrozenDualEncoder, Text, Views, XMCLossSet, chunk_output,
@@ -276,26 +279,55 @@ def refresh_ema_statistics(run: Run, stats: grids.SampleSet | None) -> None:
     recompute_bn_statistics(run.nets.G_ema, parts)
 
 
-def prepare_run_dir(cfg: TrainConfig, env: DistEnv, resume_step: int | None) -> Path:
-    """Create the run dir and write config.json (rank 0); refuse to overwrite a run."""
+def prepare_run_dir(cfg, env: DistEnv, resume_step: int | None) -> Path:
+    """Create the run dir (rank 0); refuse to overwrite a run; on resume, cut metrics.jsonl back
+    to the checkpoint's step."""
     run_dir = Path(cfg.run.out)
     if resume_step is None and ckpt.list_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run ({ckpt.CHECKPOINT_DIR}/); continue it "
                               "with --resume or choose another --out")
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, run_dir / "config.json")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FileWriteError(run_dir, err) from err
         if resume_step is not None:
             truncate_metrics(run_dir, resume_step)
     barrier(env)
     return run_dir
 
 
-def load_resume_state(cfg: TrainConfig) -> dict:
-    path = ckpt.latest_checkpoint(cfg.run.out)
-    if path is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {Path(cfg.run.out) / ckpt.CHECKPOINT_DIR}")
-    return ckpt.load_checkpoint(path)
+def write_run_config(cfg, env: DistEnv, run_dir: Path, loader) -> None:
+    """``DIR/config.json`` (rank 0): the resolved config, usable with ``--resume``, plus what was
+    decided at start-up under ``resolved`` (the data backend and why)."""
+    if env.is_main:
+        write_config(cfg, run_dir / "config.json",
+                     resolved={"data_backend": loader.backend,
+                               "data_backend_reason": loader.backend_reason,
+                               "world_size": env.world_size, "device": str(env.device)})
+
+
+def log_to_stderr(env: DistEnv):
+    """A one-line reporter for start-up messages (rank 0 only; the logger does not exist yet)."""
+    if not env.is_main:
+        return lambda message: None
+    return lambda message: print(f"fastxmc: {message}", file=sys.stderr, flush=True)
+
+
+def load_resume_state(cfg, env: DistEnv, required=ckpt.TRAIN_KEYS) -> dict:
+    """The newest valid checkpoint of ``cfg.run.out`` (every rank reads it; rank 0 sets a damaged
+    newer one aside); the ranks must agree on which."""
+    try:
+        path, state = ckpt.newest_valid_checkpoint(cfg.run.out, required=required,
+                                                   rename_bad=env.is_main, warn=log_to_stderr(env))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--resume: {err}") from None
+    steps = gather_objects(int(state["step"]), env)
+    if len(set(steps)) > 1:
+        raise RuntimeError(f"--resume: the ranks found different checkpoints (steps {steps}); is "
+                           f"{cfg.run.out} on a filesystem every node sees the same way?")
+    log_to_stderr(env)(f"resuming from {path} (step {state['step']})")
+    return state
 
 
 def restore_state(state: dict, run: Run) -> int:
@@ -587,9 +619,10 @@ class StopSignal:
             raise KeyboardInterrupt
         self.received = signum
 
-    def restore(self) -> None:
+    def restore(self, keep_sigterm: bool = False) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if not (keep_sigterm and sig == signal.SIGTERM):
+                signal.signal(sig, handler)
         self._previous = {}
 
 
@@ -625,6 +658,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> RunResult:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         return training_loop(cfg, env, resume)
+    except RuntimeError as err:
+        lost = peer_lost_error(env, err)
+        if lost is None:
+            raise
+        raise lost from err
     finally:
         torch.set_num_threads(threads)
         shutdown(env)
@@ -634,11 +672,12 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
     # ---- setup: run dir, data, networks, losses, outputs
     r = cfg.run
     autocast = autocast_factory(r.precision, env.device)
-    state = load_resume_state(cfg) if resume else None
+    state = load_resume_state(cfg, env) if resume else None
     run_dir = prepare_run_dir(cfg, env, None if state is None else int(state["step"]))
     seed_everything(r.seed)
     progress = env.is_main and not r.quiet
     loader = make_loader(cfg, env, progress)
+    write_run_config(cfg, env, run_dir, loader)
     sentences = loader.sentence_embeddings() if cfg.model.whiten_sentences else None
     nets = build_networks(cfg, loader.text_dim, env.device, sentences, d_classes(cfg, loader))
     z_gen = torch.Generator(device=env.device).manual_seed(noise_seed(r.seed, env.rank))
@@ -714,6 +753,8 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
             logger.message(f"nothing to do: the run is at step {start} >= run.steps={r.steps}")
         check_ranks_agree(run)
     finally:
-        stop.restore()
+        # Unwinding from a failure of a torchrun job: torchrun is about to SIGTERM this process;
+        # keep catching it so the one-line report of what failed gets out.
+        stop.restore(keep_sigterm=env.distributed and sys.exc_info()[0] is not None)
         logger.close()
     return RunResult(run_dir, step, status, last_ckpt, stop.received)

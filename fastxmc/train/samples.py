@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fastxmc.atomic import atomic_write, atomic_write_text
+
 SAMPLES_DIR = "samples"
 _PAD = 4             # pixels between cells
 _MIN_CELL = 128      # small images are enlarged (nearest) to at least this width
@@ -115,12 +117,7 @@ def sample_grid(generator, samples: SampleSet, columns: int = 8) -> Image.Image:
 
 def write_grid(grid: Image.Image, path) -> Path:
     """Save atomically (a reader never sees a partial PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"), durable=False)
 
 
 def grid_path(run_dir, step: int) -> Path:
@@ -128,9 +125,8 @@ def grid_path(run_dir, step: int) -> Path:
 
 
 def write_captions(run_dir, samples: SampleSet) -> None:
-    path = Path(run_dir) / SAMPLES_DIR / "captions.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(samples.captions, indent=1) + "\n")
+    atomic_write_text(json.dumps(samples.captions, indent=1) + "\n",
+                      Path(run_dir) / SAMPLES_DIR / "captions.json")
 
 
 def grid_array(grid: Image.Image) -> np.ndarray:
