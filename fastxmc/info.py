@@ -89,7 +89,7 @@ def _print_text(info: dict) -> None:
             print(f"{op} on {device}: default backend {entry['default']}")
             for name, why in entry["backends"].items():
                 state = "available" if not why else "unavailable: " + "; ".join(why)
-                print(f"    {name:<10} {state}")
+                print(f"    {name:<13} {state}")
 
 
 def main(argv=None) -> int:

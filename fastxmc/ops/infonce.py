@@ -19,6 +19,7 @@ from fastxmc.ops.registry import Backend, OpRegistry, Request
 from fastxmc.ops.streaming.infonce import (similarity_lse_backward_torch,
                                            similarity_lse_forward_torch)
 from fastxmc.ops.triton import infonce as triton_infonce
+from fastxmc.ops.triton import infonce_atomic as triton_infonce_atomic
 
 
 # Register the compiled ops (torch.ops.fastxmc.*) now; a missing build is reported, not raised.
@@ -43,6 +44,8 @@ _KERNELS = {
     "cuda": (_native_forward, _native_backward),
     "triton": (triton_infonce.similarity_lse_forward_triton,
                triton_infonce.similarity_lse_backward_triton),
+    "triton-atomic": (triton_infonce_atomic.similarity_lse_forward_triton_atomic,
+                      triton_infonce_atomic.similarity_lse_backward_triton_atomic),
 }
 
 
@@ -64,7 +67,7 @@ registry = OpRegistry(
     op="info_nce/supcon",
     # Above SMALL_CPU_LOGITS the reference is never chosen automatically while a bounded-memory
     # backend fits: it materializes the N x M logits. Triton on CPU (the interpreter) only runs
-    # when forced.
+    # when forced; "triton-atomic" (nondeterministic grad_b) only runs when forced.
     priority={"cuda": ["triton", "cuda", "torch", "reference"],
               "cpu": ["cpu", "torch", "reference"],
               "cpu+small": ["reference", "cpu", "torch"],
@@ -75,6 +78,9 @@ registry.register(Backend("reference", backends.floating_unsupported, "materiali
 registry.register(Backend("torch", backends.floating_unsupported, "streaming PyTorch, bounded memory"))
 registry.register(Backend("cpu", _cpu_unsupported, "C++ kernels (csrc/), ATen GEMM + fused epilogues"))
 registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
+registry.register(Backend("triton-atomic", _triton_unsupported,
+                          "Triton, 1-D grid, grad_b by fp32 atomics (not deterministic); "
+                          "opt-in only, the benchmark baseline"))
 registry.register(Backend("cuda", _cuda_unsupported, "C++/CUDA kernels (csrc/)"))
 
 
