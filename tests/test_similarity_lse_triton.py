@@ -277,3 +277,36 @@ def test_atomic_backward_alerts_under_deterministic_algorithms():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _loss_and_grads("triton-atomic", a, b, scale)
+
+
+# ---------------------------------------------------------------- tuning space and compile report
+def test_tuning_space_per_dtype():
+    """What each kernel may run (the spill-free configs of benchmarks/triton_compile_report.py)."""
+    space = [({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w)
+             for bm in tri._TUNE_BLOCK_M for bn in tri._TUNE_BLOCK_N for bk in tri._TUNE_BLOCK_K
+             for w in tri._TUNE_WARPS]
+
+    def count(kernel, dtype, d=None):
+        return sum(tri.config_allowed(kernel, dtype, d, tile, w) for tile, w in space)
+    assert [count("fwd", dt) for dt in (torch.bfloat16, torch.float16, torch.float32)] == [14, 14, 7]
+    assert [count("bwd", dt) for dt in (torch.bfloat16, torch.float16, torch.float32)] == [7, 7, 2]
+    assert count("bwd", torch.float32, d=16) == 2 and count("fwd", torch.bfloat16, d=16) == 7
+    assert not any(tri.config_allowed("bwd", torch.bfloat16, None,
+                                      {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk}, 8)
+                   for bk in tri._TUNE_BLOCK_K)
+
+
+def test_compile_report_compiles_for_sm90_offline():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.triton_compile_report", "--kernels",
+                          "bwd-rows", "--dtypes", "fp32"], cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    if "No module named 'triton.backends.nvidia" in out.stderr:
+        pytest.skip("this Triton has no NVIDIA backend")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("bwd-rows")]
+    assert len(rows) == 2 and all(line.endswith("ok") for line in rows), out.stdout

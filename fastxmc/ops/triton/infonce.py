@@ -88,8 +88,9 @@ _TUNE_BLOCK_K = (32, 64)
 _TUNE_WARPS = (4, 8)
 _GPU_PART_BLOCK_M = min(_TUNE_BLOCK_M)
 
-# Programs per SM a launch aims at: the 8-warp backward configs hold one program per SM (about 200
-# registers a thread), so 2 gives two full waves and slack for the row-block count's rounding.
+# Programs per SM a launch aims at: the 8-warp configs hold one or two programs per SM (89-255
+# registers a thread; the backward's one, see benchmarks/triton_compile_report.py), so 2 gives
+# each SM a second program to overlap with, or a second wave.
 PROGRAMS_PER_SM = 2
 # Cap on a backward launch's (n_splits, rows, D) fp32 gradient partials.
 PARTIAL_BUDGET_BYTES = 128 << 20
@@ -97,6 +98,39 @@ PARTIAL_BUDGET_BYTES = 128 << 20
 BUCKET_MIN = 128
 BUCKET_MAX = 1 << 16
 
+
+
+# Which (BLOCK_M, BLOCK_N, BLOCK_K, warps) of the space each kernel may run, per input dtype: the
+# configs that ptxas (sm_90, Triton 3.8) compiles without spilling, as
+# benchmarks/triton_compile_report.py measures offline. bf16 / fp16 tiles feed tensor cores and
+# spill only in the 128 x 128 backward; the "ieee" fp32 dot is a CUDA-core FMA loop whose operand
+# tiles live in registers, so fp32 keeps 8 warps (64 x 64 x 32 also fits in 4) and, in the
+# backward, BLOCK_M = 64 with BLOCK_K = 32. Fewer configs also means fewer compiles on first use.
+def config_allowed_any_dtype(block_m: int, block_n: int, warps: int) -> bool:
+    """The union over dtypes and kernels: 4 warps never hold a 128 x 128 fp32 score tile."""
+    return not (warps == 4 and block_m * block_n > 64 * 128)
+
+
+def config_allowed(kernel: str, dtype: torch.dtype, d: Optional[int], tile: dict,
+                   warps: int) -> bool:
+    """Whether ``kernel`` ("fwd" or "bwd") may run the config ``tile`` (BLOCK_M / BLOCK_N /
+    BLOCK_K) with ``warps`` on ``dtype`` inputs of feature size ``d`` (None: any)."""
+    bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+    if not config_allowed_any_dtype(bm, bn, warps):
+        return False
+    # A BLOCK_K wider than D only loads padding: keep the narrowest BLOCK_K when D is small.
+    if d is not None and bk > max(d, min(_TUNE_BLOCK_K)):
+        return False
+    small_4_warps = (bm, bn, bk) == (64, 64, 32)
+    if kernel == "fwd":
+        if dtype == torch.float32:
+            return small_4_warps or (warps == 8 and bm * bn < 128 * 128)
+        return True
+    if bm * bn >= 128 * 128:
+        return False
+    if dtype == torch.float32:
+        return warps == 8 and bm == 64 and bk == 32
+    return warps == 8 or small_4_warps
 
 if triton is not None:
 
@@ -337,28 +371,19 @@ if triton is not None:
                     tl.store(part_ptr + r, 0.0)
 
     # ------------------------------------------------------------------ autotuned wrappers (GPU)
-    def _tune_configs(kernel: str):
-        """The tile space, less the configs that ptxas (sm_90) shows spilling; see
-        benchmarks/triton_compile_report.py, which compiles every config offline. Fewer configs
-        also means fewer compiles on first use."""
-        configs = []
-        for bm in _TUNE_BLOCK_M:
-            for bn in _TUNE_BLOCK_N:
-                for bk in _TUNE_BLOCK_K:
-                    for w in _TUNE_WARPS:
-                        if w == 4 and kernel == "fwd" and bm * bn > 64 * 128:
-                            continue
-                        if w == 4 and kernel == "bwd" and (bm, bn, bk) != (64, 64, 32):
-                            continue
-                        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                                                     num_warps=w, num_stages=3))
-        return configs
+    def _tune_space():
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
+                              num_stages=3)
+                for bm in _TUNE_BLOCK_M for bn in _TUNE_BLOCK_N for bk in _TUNE_BLOCK_K
+                for w in _TUNE_WARPS if config_allowed_any_dtype(bm, bn, w)]
 
-    def _prune_configs(configs, named_args, **kwargs):
-        # A BLOCK_K wider than D only loads padding: keep the narrowest BLOCK_K when D is small.
-        d = named_args["D"]
-        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= max(d, min(_TUNE_BLOCK_K))]
-        return kept or configs
+    def _pruner(kernel: str):
+        def prune(configs, named_args, **kwargs):
+            x = named_args["a_ptr"] if "a_ptr" in named_args else named_args["x_ptr"]
+            kept = [c for c in configs if config_allowed(kernel, x.dtype, named_args["D"],
+                                                         c.kwargs, c.num_warps)]
+            return kept or configs
+        return prune
 
     # The autotuner appends every tensor argument's dtype to the key. Every output is fully
     # overwritten by every run, so trial runs need no reset. The two backward launches (grad_a
@@ -366,8 +391,8 @@ if triton is not None:
     _TUNE_KEY = ["D", "N_BUCKET", "M_BUCKET"]
 
     def _tuned(kernel, name):
-        return triton.autotune(configs=_tune_configs(name), key=_TUNE_KEY,
-                               prune_configs_by={"early_config_prune": _prune_configs})(kernel)
+        return triton.autotune(configs=_tune_space(), key=_TUNE_KEY,
+                               prune_configs_by={"early_config_prune": _pruner(name)})(kernel)
 
     _fwd_tuned = _tuned(_similarity_lse_fwd_kernel, "fwd")
     _bwd_rows_tuned = _tuned(_similarity_lse_bwd_kernel, "bwd")   # x = a: grad_a, grad_scale
