@@ -7,8 +7,8 @@
 Op ``info_nce`` (default): symmetric CLIP loss of a (N x D) and b (N x D), one positive per row.
 Op ``supcon`` (``--labels``): supervised contrastive loss of one (N x D) set with labels.
 Providers: the materialized baselines and peers, and one ``fastxmc-<backend>`` per fused backend,
-among them ``fastxmc-triton`` (the default GPU kernels) and ``fastxmc-triton-atomic`` (the 1-D
-grid with an atomic grad_b that they replace), so one GPU run compares the two.
+among them ``fastxmc-triton`` (the default GPU kernels: 2-D grids, deterministic backward) and
+``fastxmc-triton-atomic`` (1-D grid, atomic grad_b), so one GPU run compares the two.
 Every provider L2-normalizes its inputs inside the timed region; the temperature is a tensor that
 requires grad, so ``bwd`` includes its gradient.
 

@@ -53,8 +53,8 @@ GEMM, fp16 with a per-row power-of-two rescaling, see the kernel); fp32 tiles us
 ``input_precision="ieee"`` so the results match the fp32 oracle (no TF32). Triton lowers an
 "ieee" fp32 dot to CUDA-core FMAs, not tensor cores: the fp32 path is the accurate one, bf16/fp16
 the fast one. The ``cuda`` backend (``csrc/infonce/infonce_cuda.cu``) runs FP32 FMA tiles on CUDA
-cores for every dtype (no tensor cores) and sums grad_b with atomics: it is the fallback for GPUs
-without Triton.
+cores for every dtype (no tensor cores) and sums its gradients with atomics: it is the fallback
+for GPUs without Triton.
 
 CPU testing: with ``TRITON_INTERPRET=1`` in the environment before fastxmc is imported (see
 ``fastxmc.ops.triton.runtime``), the same kernels run on CPU tensors through Triton's numpy
@@ -107,7 +107,8 @@ BUCKET_MAX = 1 << 16
 # tiles live in registers, so fp32 keeps 8 warps (64 x 64 x 32 also fits in 4) and, in the
 # backward, BLOCK_M = 64 with BLOCK_K = 32. Fewer configs also means fewer compiles on first use.
 def config_allowed_any_dtype(block_m: int, block_n: int, warps: int) -> bool:
-    """The union over dtypes and kernels: 4 warps never hold a 128 x 128 fp32 score tile."""
+    """The space of every dtype and kernel: no 4-warp 128 x 128 tile, whose fp32 scores alone
+    would take 128 registers a thread."""
     return not (warps == 4 and block_m * block_n > 64 * 128)
 
 
