@@ -15,6 +15,7 @@ import torch
 from fastxmc.ops.infonce import registry, request_for, similarity_lse
 from fastxmc.ops.triton import infonce as tri
 from fastxmc.reference.similarity_lse import similarity_lse_reference
+from tests.conftest import requires_gpu
 
 NAMES = ["row_lse", "col_lse", "grad_a", "grad_b", "grad_scale"]
 # (N, M, D): N = 1, M = 1, N != M both ways, N and M off every tile (16 x 32 here) and split
@@ -28,15 +29,15 @@ EXCLUSIONS = [(False, 0), (True, 0), (True, 5), (True, -7), (True, 94), (True, 5
 TARGETS = [1, tri.INTERPRETER_TARGET_PROGRAMS, 10_000]
 
 
-def _leaves(n, m, d, dtype=torch.float32):
-    a = torch.randn(n, d).to(dtype).requires_grad_()
-    b = torch.randn(m, d).to(dtype).requires_grad_()
-    return a, b, torch.tensor(1.7, requires_grad=True)
+def _leaves(n, m, d, dtype=torch.float32, device="cpu"):
+    a = torch.randn(n, d).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(m, d).to(device=device, dtype=dtype).requires_grad_()
+    return a, b, torch.tensor(1.7, device=device, requires_grad=True)
 
 
-def _upstream(n, m, weight=1.0):
+def _upstream(n, m, weight=1.0, device="cpu"):
     """Upstream gradients for a fixed loss; 0 where the oracle's LSE is -inf (as the losses do)."""
-    return weight * torch.rand(n), weight * torch.rand(m)
+    return weight * torch.rand(n).to(device), weight * torch.rand(m).to(device)
 
 
 def _outputs(fn, a, b, scale, g_row, g_col, **kw):
@@ -171,6 +172,40 @@ def test_low_precision_gradients_at_extreme_upstream_scales(dtype, weight):
         bound = 2 * (r.double() - e).abs() + 1e-2 * e.abs().max()
         err = (f.double() - e).abs()
         assert bool((err <= bound).all()), f"{name}: max excess {(err - bound).max():.3g}"
+
+
+# ---------------------------------------------------------------- split grids, any device
+def _check_split_grids(device, cases, dtype):
+    """Every case (N, M, D, exclude_diag, diag_offset) within the low-precision rule (fp32: a floor
+    of 1e-5 of the largest value, bf16 / fp16: 1e-2), and bit-equal on a second run."""
+    floor = 1e-5 if dtype == torch.float32 else 1e-2
+    for n, m, d, exclude, offset in cases:
+        a, b, scale = _leaves(n, m, d, dtype, device)
+        g_row, g_col = _upstream(n, m, device=device)
+        kw = dict(diag_offset=offset, exclude_diag=exclude)
+        got = _triton(a, b, scale, g_row, g_col, **kw)
+        low_ref = _oracle(a, b, scale, g_row, g_col, dtype=dtype, **kw)
+        exact = _oracle(a, b, scale, g_row, g_col, **kw)
+        _assert_within_low_precision_rule(got, low_ref, exact, floor=floor)
+        again = _triton(a, b, scale, g_row, g_col, **kw)
+        for name, x, y in zip(NAMES, got, again):
+            assert torch.equal(x, y), f"{name} differs between two runs at {(n, m, d)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_split_grids_in_the_interpreter(dtype):
+    _check_split_grids("cpu", [(40, 130, 24, True, 3), (130, 40, 24, True, -5)], dtype)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_split_grids_match_oracle_and_repeat_bit_equal(dtype):
+    # Compiled and autotuned. Splits on an H100 (264 target programs), forward and grad_a launch
+    # / grad_b launch: 700 x 3000 24 / 6; a single row 40 (one per 128 columns) / 1; 4097 x 4095
+    # 8 / 9; 40000 x 300 1 (the 1-D grid) / 79.
+    cases = [(700, 3000, 256, True, 5), (3000, 700, 96, True, -11), (1, 5000, 768, False, 0),
+             (4097, 4095, 256, False, 0), (40000, 300, 64, True, 0)]
+    _check_split_grids("cuda", cases, dtype)
 
 
 # ---------------------------------------------------------------- determinism
