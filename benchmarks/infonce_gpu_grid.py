@@ -48,8 +48,8 @@ def print_tuned() -> None:
     from fastxmc.ops.triton import infonce_atomic as atomic
 
     tuners = [("triton fwd", default._fwd_tuned), ("triton bwd grad_a", default._bwd_rows_tuned),
-              ("triton bwd grad_b", default._bwd_cols_tuned), ("triton-atomic fwd", atomic._fwd_tuned),
-              ("triton-atomic bwd", atomic._bwd_tuned)]
+              ("triton bwd grad_b", default._bwd_cols_tuned),
+              ("triton-atomic fwd", atomic._fwd_tuned), ("triton-atomic bwd", atomic._bwd_tuned)]
     print("# autotuned configs (key: D [, N bucket, M bucket], dtypes):", flush=True)
     for name, tuner in tuners:
         for key, config in tuner.cache.items():

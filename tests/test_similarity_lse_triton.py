@@ -323,8 +323,9 @@ def test_tuning_space_per_dtype():
 
     def count(kernel, dtype, d=None):
         return sum(tri.config_allowed(kernel, dtype, d, tile, w) for tile, w in space)
-    assert [count("fwd", dt) for dt in (torch.bfloat16, torch.float16, torch.float32)] == [14, 14, 7]
-    assert [count("bwd", dt) for dt in (torch.bfloat16, torch.float16, torch.float32)] == [7, 7, 2]
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    assert [count("fwd", dt) for dt in dtypes] == [14, 14, 7]
+    assert [count("bwd", dt) for dt in dtypes] == [7, 7, 2]
     assert count("bwd", torch.float32, d=16) == 2 and count("fwd", torch.bfloat16, d=16) == 7
     assert not any(tri.config_allowed("bwd", torch.bfloat16, None,
                                       {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": bk}, 8)

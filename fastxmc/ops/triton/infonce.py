@@ -88,16 +88,15 @@ _TUNE_BLOCK_K = (32, 64)
 _TUNE_WARPS = (4, 8)
 _GPU_PART_BLOCK_M = min(_TUNE_BLOCK_M)
 
-# Programs per SM a launch aims at: the 8-warp configs hold one or two programs per SM (89-255
-# registers a thread; the backward's one, see benchmarks/triton_compile_report.py), so 2 gives
-# each SM a second program to overlap with, or a second wave.
+# Programs per SM a launch aims at: the configs fit one to three programs per SM (89-255
+# registers a thread; the 8-warp backward ones fit one, see benchmarks/triton_compile_report.py),
+# so 2 gives an SM a second program to switch to, or a second wave.
 PROGRAMS_PER_SM = 2
 # Cap on a backward launch's (n_splits, rows, D) fp32 gradient partials.
 PARTIAL_BUDGET_BYTES = 128 << 20
 # Size buckets of the autotune key: powers of two in [BUCKET_MIN, BUCKET_MAX].
 BUCKET_MIN = 128
 BUCKET_MAX = 1 << 16
-
 
 
 # Which (BLOCK_M, BLOCK_N, BLOCK_K, warps) of the space each kernel may run, per input dtype: the
@@ -132,6 +131,7 @@ def config_allowed(kernel: str, dtype: torch.dtype, d: Optional[int], tile: dict
     if dtype == torch.float32:
         return warps == 8 and bm == 64 and bk == 32
     return warps == 8 or small_4_warps
+
 
 if triton is not None:
 
@@ -526,7 +526,8 @@ def split_extent(rows: int, cols: int, target: int, row_block: int, col_granule:
 
 
 def size_bucket(n: int) -> int:
-    """The autotune key's bucket of an extent: the next power of two, in [BUCKET_MIN, BUCKET_MAX]."""
+    """The autotune key's bucket of an extent: its next power of two, clamped to
+    [BUCKET_MIN, BUCKET_MAX]."""
     return min(max(1 << max(n - 1, 0).bit_length(), BUCKET_MIN), BUCKET_MAX)
 
 
