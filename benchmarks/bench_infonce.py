@@ -6,6 +6,9 @@
 
 Op ``info_nce`` (default): symmetric CLIP loss of a (N x D) and b (N x D), one positive per row.
 Op ``supcon`` (``--labels``): supervised contrastive loss of one (N x D) set with labels.
+Providers: the materialized baselines and peers, and one ``fastxmc-<backend>`` per fused backend,
+among them ``fastxmc-triton`` (the default GPU kernels: 2-D grids, deterministic backward) and
+``fastxmc-triton-atomic`` (1-D grid, atomic grad_b), so one GPU run compares the two.
 Every provider L2-normalizes its inputs inside the timed region; the temperature is a tensor that
 requires grad, so ``bwd`` includes its gradient.
 
@@ -161,7 +164,8 @@ def _gpu_only(module: str, extra=None):
 
 def providers_for(op: str) -> dict:
     """Every provider of ``op``; the memory factors are full-mode peaks measured at N = 4096."""
-    fused = [_fastxmc_provider(op, name) for name in ("cpu", "torch", "triton", "cuda")]
+    fused = [_fastxmc_provider(op, name)
+             for name in ("cpu", "torch", "triton", "triton-atomic", "cuda")]
     if op == "supcon":
         others = [Provider("pml-supcon", op, _pml_supcon_loss,
                            lambda *_: _importable("pytorch_metric_learning"), 13.0)]
@@ -217,12 +221,12 @@ def run_provider(provider: Provider, x: Inputs, modes, device, policy):
 
 
 # ---------------------------------------------------------------- reporting
-HEADER = (f"{'op':<8} {'N':>6} {'provider':<15} {'mode':<4} {'median ms':>10} "
+HEADER = (f"{'op':<8} {'N':>6} {'provider':<21} {'mode':<4} {'median ms':>10} "
           f"{'p20-p80 ms':>19} {'reps':>4} {'extra MB':>9} {'x mm':>6} {'speedup':>7}  note")
 
 
 def print_row(op, n, row: dict):
-    sweeps.print_table_row(f"{op:<8} {n:>6} {row['provider']:<15} {row['mode']:<4}", row,
+    sweeps.print_table_row(f"{op:<8} {n:>6} {row['provider']:<21} {row['mode']:<4}", row,
                            [("ratio_to_4mm", "6.2f"), ("speedup_vs_materialized", "7.2f")])
 
 

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one script for a short lease on a GPU machine:
 #
-#   bash benchmarks/gpu_check.sh [build] [tests] [kernels] [train] ...
+#   bash benchmarks/gpu_check.sh [build] [tests] [kernels] [infonce] [train] ...
 #
 #   build    compile fastxmc/_C.so with the CUDA kernels (FASTXMC_CUDA=1) against this machine's torch
 #   tests    the GPU numerics (pytest -m gpu) with compiled Triton (TRITON_INTERPRET=0)
 #   kernels  the kernel microbenchmarks on the GPU (InfoNCE, SupCon, region-word, modulation,
 #            word attention), each against its peers in the same run
+#   infonce  the InfoNCE Triton kernels alone, a short run: their GPU tests (split grids against
+#            the fp64 oracle, bit-equal reruns) and fastxmc-triton (2-D grids, deterministic) vs
+#            fastxmc-triton-atomic (1-D grid, atomic grad_b) vs fastxmc-cuda, bf16 and fp32,
+#            N = 1024..65536, D = 768; then the configs the autotuner chose
 #   train    bench_train_step on the GPU (coco128 at width 96, and the shapes preset; fused,
 #            reference, and fused in channels_last, which run.memory_format=auto leaves off on CUDA)
 #
@@ -59,11 +63,16 @@ for stage in "${stages[@]}"; do
         --out "$OUT/modulation.csv"
       run_stage word_attention $PYTHON -m benchmarks.bench_word_attention --device cuda \
         --out "$OUT/word_attention.csv" ;;
+    infonce)
+      run_stage infonce_tests env TRITON_INTERPRET=0 $PYTHON -m pytest -q -rs -m gpu \
+        tests/test_similarity_lse_triton.py tests/test_extension.py
+      run_stage infonce_grid env TRITON_INTERPRET=0 $PYTHON -m benchmarks.infonce_gpu_grid \
+        --out "$OUT/infonce_grid.csv" ;;
     train)
       run_stage train_step $PYTHON -m benchmarks.bench_train_step --device cuda \
         --configs coco128,shapes --providers fused,reference,fused-channels-last \
         ${TRAIN_STEP_ARGS:-} --out "$OUT/train_step.csv" ;;
-    *) echo "unknown stage $stage (build, tests, kernels, train)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (build, tests, kernels, infonce, train)" >&2; exit 2 ;;
   esac
 done
 

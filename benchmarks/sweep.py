@@ -220,7 +220,7 @@ class Baselines:
 def backend_reason(registry, backend: str, request) -> Optional[str]:
     """Why the fastxmc ``backend`` of ``registry`` cannot be timed on ``request`` (None: it can).
     GPU-only backends are not timed on CPU: Triton's interpreter is for tests."""
-    if backend in ("triton", "cuda") and request.device.type != "cuda":
+    if (backend == "cuda" or backend.startswith("triton")) and request.device.type != "cuda":
         return "GPU-only backend (on CPU, Triton's interpreter is for tests, not timing)"
     why = registry.reasons(request).get(backend)
     return "; ".join(why) if why else None

@@ -1,7 +1,9 @@
 """``python -m fastxmc.info [--json]``: versions, the native build, and which backends can run.
 
-For every op and device it lists the backends that are available and, for the others, why not,
-so a user can tell at a glance whether the fused kernels are in use.
+For every op it describes each backend (for InfoNCE / SupCon: that ``cuda`` runs FP32 FMA tiles
+without tensor cores, the fallback for GPUs without Triton) and, per device, lists the backends
+that are available and, for the others, why not, so a user can tell at a glance whether the fused
+kernels are in use.
 """
 from __future__ import annotations
 
@@ -45,8 +47,9 @@ def _devices() -> list:
 def collect() -> dict:
     from fastxmc.ops.registry import Request
 
-    ops = {}
+    ops, descriptions = {}, {}
     for op, reg in _registries().items():
+        descriptions[op] = {name: b.description for name, b in reg.backends.items()}
         ops[op] = {}
         for device in _devices():
             reasons = reg.reasons(Request(device, torch.float32))
@@ -69,6 +72,7 @@ def collect() -> dict:
             "cuda_kernels": _extension.has_kernel("infonce_lse_forward", "CUDA"),
         },
         "ops": ops,
+        "backends": descriptions,
     }
 
 
@@ -85,11 +89,14 @@ def _print_text(info: dict) -> None:
     else:
         print(f"extension: NOT available: {ext['error']}")
     for op, per_device in info["ops"].items():
+        print(f"{op} backends:")
+        for name, description in info["backends"][op].items():
+            print(f"    {name:<13} {description}")
         for device, entry in per_device.items():
             print(f"{op} on {device}: default backend {entry['default']}")
             for name, why in entry["backends"].items():
                 state = "available" if not why else "unavailable: " + "; ".join(why)
-                print(f"    {name:<10} {state}")
+                print(f"    {name:<13} {state}")
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,9 @@ from fastxmc import _extension  # noqa: E402
 # Backends that run on this machine's CPU tensors. The fused "cpu" backend needs the extension,
 # which `make test` always builds: a missing build stops the session instead of skipping tests.
 CPU_BACKENDS = ["reference", "torch", "cpu", "triton"]
-FUSED_CPU_BACKENDS = ["torch", "cpu", "triton"]
+# The fused core's backends; "triton-atomic" (opt-in, the benchmark baseline) is tested at this
+# level only.
+FUSED_CPU_BACKENDS = ["torch", "cpu", "triton", "triton-atomic"]
 _skip_without_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                                        reason="needs a CUDA GPU (none on this machine)")
 

@@ -58,6 +58,8 @@ def test_info_cli_json():
     cpu = info["ops"]["info_nce"]["cpu"]
     assert cpu["default"] == "cpu"
     assert cpu["backends"]["cpu"] == [] and cpu["backends"]["cuda"]  # cuda lists why not
+    cuda = info["backends"]["info_nce"]["cuda"]
+    assert "FP32 FMA" in cuda and "no tensor cores" in cuda and "GPUs without Triton" in cuda
 
 
 @requires_gpu

@@ -186,7 +186,8 @@ def info_nce(a, b, temperature=0.1, *, targets=None, labels=None, labels_b=None,
             Returns the loss of the concatenated global batch on every rank; backward yields
             ``world_size x`` this rank's share so that DDP's gradient averaging gives exactly the
             single-process gradient of the global loss (temperature included).
-        impl: force a backend ("reference", "torch", "cpu", "triton", "cuda"); default: the
+        impl: force a backend ("reference", "torch", "cpu", "triton", "cuda", or
+            "triton-atomic", whose grad_b is not deterministic); default: the
             ``FASTXMC_IMPL`` environment variable, else the fastest that fits.
 
     Per anchor: ``logsumexp_j S_ij - mean_{p in P(i)} S_ip``; anchors without a positive are left

@@ -7,6 +7,13 @@ Every loss term beyond these two vectors is O((N + M) D) and lives in :mod:`fast
 Layers (Liger/flash-attn style): per-backend ``*_forward`` / ``*_backward`` free functions, one
 ``torch.library`` custom op pair (with fake implementations, so ``torch.compile(fullgraph=True)``
 traces through it), autograd wiring, and the backend registry used by the public losses.
+
+GPU backends: ``triton`` (:mod:`fastxmc.ops.triton.infonce`) is the default on CUDA: fp16/bf16
+tiles on tensor cores, 2-D grids that keep every SM busy, a deterministic backward. ``cuda``
+(``csrc/infonce/infonce_cuda.cu``) runs FP32 FMA tiles on CUDA cores whatever the input dtype
+(no tensor cores) and sums its gradients with atomics: it is the fallback for GPUs without Triton.
+``triton-atomic`` (:mod:`fastxmc.ops.triton.infonce_atomic`: 1-D grid, atomic grad_b, not
+deterministic) runs only when forced, as the benchmarks' baseline.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from fastxmc.ops.registry import Backend, OpRegistry, Request
 from fastxmc.ops.streaming.infonce import (similarity_lse_backward_torch,
                                            similarity_lse_forward_torch)
 from fastxmc.ops.triton import infonce as triton_infonce
+from fastxmc.ops.triton import infonce_atomic as triton_infonce_atomic
 
 
 # Register the compiled ops (torch.ops.fastxmc.*) now; a missing build is reported, not raised.
@@ -43,6 +51,8 @@ _KERNELS = {
     "cuda": (_native_forward, _native_backward),
     "triton": (triton_infonce.similarity_lse_forward_triton,
                triton_infonce.similarity_lse_backward_triton),
+    "triton-atomic": (triton_infonce_atomic.similarity_lse_forward_triton_atomic,
+                      triton_infonce_atomic.similarity_lse_backward_triton_atomic),
 }
 
 
@@ -64,7 +74,7 @@ registry = OpRegistry(
     op="info_nce/supcon",
     # Above SMALL_CPU_LOGITS the reference is never chosen automatically while a bounded-memory
     # backend fits: it materializes the N x M logits. Triton on CPU (the interpreter) only runs
-    # when forced.
+    # when forced; "triton-atomic" (nondeterministic grad_b) only runs when forced.
     priority={"cuda": ["triton", "cuda", "torch", "reference"],
               "cpu": ["cpu", "torch", "reference"],
               "cpu+small": ["reference", "cpu", "torch"],
@@ -74,8 +84,16 @@ registry = OpRegistry(
 registry.register(Backend("reference", backends.floating_unsupported, "materialized plain PyTorch (oracle)"))
 registry.register(Backend("torch", backends.floating_unsupported, "streaming PyTorch, bounded memory"))
 registry.register(Backend("cpu", _cpu_unsupported, "C++ kernels (csrc/), ATen GEMM + fused epilogues"))
-registry.register(Backend("triton", _triton_unsupported, "Triton GPU kernels"))
-registry.register(Backend("cuda", _cuda_unsupported, "C++/CUDA kernels (csrc/)"))
+registry.register(Backend("triton", _triton_unsupported,
+                          "Triton GPU kernels: tensor cores for fp16/bf16, 2-D grids sized to the "
+                          "SM count, deterministic backward"))
+registry.register(Backend("triton-atomic", _triton_unsupported,
+                          "Triton, 1-D grid, grad_b by fp32 atomics (not deterministic); "
+                          "opt-in only, the benchmark baseline"))
+registry.register(Backend("cuda", _cuda_unsupported,
+                          "C++/CUDA kernels (csrc/): FP32 FMA tiles on CUDA cores for every dtype, "
+                          "no tensor cores, gradients by atomics; the fallback for GPUs without "
+                          "Triton"))
 
 
 def request_for(device: torch.device, dtype: torch.dtype, logits: int | None = None) -> Request:

@@ -5,28 +5,64 @@ With ``S = scale * a @ b.T`` (a: N x D, b: M x D) and, when ``exclude_diag``, th
 ``j == i + diag_offset`` left out:
 
 * forward: ``row_lse[i] = lse_j S[i, j]`` (N,) and ``col_lse[j] = lse_i S[i, j]`` (M,), fp32,
-  ``-inf`` for an empty set. ONE launch, a program per block of ``BLOCK_M`` rows, walking every
-  column tile. The row LSE is an online (running max, running sum) pair held in registers. The
-  column LSE of the program's rows goes into a ``[cdiv(N, PART_BLOCK_M), M]`` fp32 buffer
-  (PART_BLOCK_M = the smallest BLOCK_M that autotuning may pick), merged afterwards with
-  ``torch.logsumexp(dim=0)``: O(M N / BLOCK_M) extra work and memory, no atomics, deterministic.
-* backward: ONE launch that recomputes each S tile exactly once (fwd + bwd = 8 N M D FLOPs):
-  ``dS = g_i exp(S - row_lse_i) + h_j exp(S - col_lse_j)``, then per D chunk
-  ``grad_a += scale * dS @ b_tile`` (the program owns its rows: plain read-modify-write into an fp32
-  buffer), ``grad_b += scale * dS^T @ a_blk`` (many programs share a column: fp32 ``atomic_add``),
-  ``grad_scale += sum dS * (a_i . b_j)`` (per-program partials summed by torch: deterministic).
+  ``-inf`` for an empty set. ONE launch on a 2-D grid: program (p, s) owns row block p
+  (``BLOCK_M`` rows) and column split s (``cols_per_split`` columns, a multiple of every BLOCK_N).
+  Its row LSE over the split is an online (running max, running sum) pair in registers, stored to
+  a ``(n_splits, N)`` fp32 buffer; its column LSE over its rows goes to a
+  ``(cdiv(N, PART_BLOCK_M), M)`` buffer (PART_BLOCK_M = the smallest BLOCK_M that autotuning may
+  pick). Each entry of both buffers has exactly one writer, and ``torch.logsumexp(dim=0)`` merges
+  them in a fixed order: no atomics, deterministic.
+* backward: ``dS = g_i exp(S - row_lse_i) + h_j exp(S - col_lse_j)``, ``grad_a = scale dS b``,
+  ``grad_b = scale dS^T a``, ``grad_scale = sum dS * (a_i . b_j)``. TWO launches of one kernel,
+  each computing the gradient of the rows it walks: on (x, y) = (a, b) it gives grad_a and
+  grad_scale; on (b, a), i.e. on S^T with the roles of (g, row_lse) and (h, col_lse) swapped and
+  the diagonal at ``-diag_offset``, it gives grad_b. Program (p, s) of a launch owns row block p
+  and column split s and recomputes its S tiles; ``grad_x[p's rows] += scale dS @ y_tile`` is a
+  plain read-modify-write into a ``(n_splits, rows, D)`` fp32 buffer that no other program
+  touches, and torch sums the splits (``sum(dim=0)``, fixed order; no buffer and no sum when there
+  is one split). No atomics anywhere: the gradients are bit-equal run to run, as
+  ``torch.use_deterministic_algorithms`` users expect.
+* grid size: the host chooses the splits (:func:`split_extent`) so that a launch has about
+  ``PROGRAMS_PER_SM`` x the SM count programs at the largest BLOCK_M (cdiv(N, 128) row blocks
+  alone are 32 programs at N = 4096, a quarter of an H100's 132 SMs; with 8 column splits,
+  256), never more splits than column granules, and for the backward at most
+  ``PARTIAL_BUDGET_BYTES`` of partials. A large N needs no split: the grid is then the 1-D one.
+* autotuning: keyed on D, the dtypes and a size bucket of each extent (next power of two, clamped
+  to [``BUCKET_MIN``, ``BUCKET_MAX``]), so a config tuned at N = 512 is not reused at N = 65536.
+
+FLOPs and bytes, against the single-launch atomic backward of
+:mod:`fastxmc.ops.triton.infonce_atomic` (backend ``triton-atomic``, kept for comparison):
+
+* forward: 2 N M D FLOPs. The column split adds the ``(n_splits, N)`` row partials and their
+  logsumexp; since splits appear only when row blocks are few, ``n_splits * N`` stays near
+  ``PROGRAMS_PER_SM * SMs * 128`` values (about 135 KB on an H100), nothing next to the GEMM.
+* backward: each launch recomputes S (2 N M D) and does one gradient GEMM (2 N M D): 8 N M D
+  FLOPs, where the atomic kernel recomputes S once and does both GEMMs from it (6 N M D). That is
+  1.33x the backward's FLOPs, 1.25x forward + backward (10 vs 8 N M D), the price of
+  determinism without an (N / BLOCK_M, M, D) buffer of grad_b partials. Memory traffic: a launch
+  read-modify-writes its programs' fp32 output rows once per column tile, rows * D * 8 B *
+  cols_per_split / BLOCK_N, mostly in L2 (the atomic kernel does the same for grad_a and
+  M * D * 4 B * N / BLOCK_M of atomic adds for grad_b). The split partials are
+  ``n_splits * rows * D`` fp32 (at most ``PARTIAL_BUDGET_BYTES``), written once and read once by
+  the sum: at N = M = 4096, D = 768 on an H100, 8 splits and 96 MiB a launch, about 30 us of HBM
+  traffic each way; from N = 33792 (264 row blocks of 128) there is one split and no partial.
 
 Inputs may be float32, float16 or bfloat16; every accumulation is fp32. fp16/bf16 tiles go to
-``tl.dot`` as they are (tensor cores; the backward rounds dS to the input dtype for its two GEMMs,
-see the kernel); fp32 tiles use ``input_precision="ieee"`` so the results match the fp32 oracle
-(no TF32). Note that Triton lowers an "ieee" fp32 dot to CUDA-core FMAs, not tensor cores: the fp32
-path is the accurate one, bf16/fp16 the fast one.
+``tl.dot`` as they are (tensor cores; the backward rounds dS to the input dtype for its gradient
+GEMM, fp16 with a per-row power-of-two rescaling, see the kernel); fp32 tiles use
+``input_precision="ieee"`` so the results match the fp32 oracle (no TF32). Triton lowers an
+"ieee" fp32 dot to CUDA-core FMAs, not tensor cores: the fp32 path is the accurate one, bf16/fp16
+the fast one. The ``cuda`` backend (``csrc/infonce/infonce_cuda.cu``) runs FP32 FMA tiles on CUDA
+cores for every dtype (no tensor cores) and sums its gradients with atomics: it is the fallback
+for GPUs without Triton.
 
 CPU testing: with ``TRITON_INTERPRET=1`` in the environment before fastxmc is imported (see
 ``fastxmc.ops.triton.runtime``), the same kernels run on CPU tensors through Triton's numpy
-interpreter, with one small fixed tile config.
+interpreter, with one small fixed tile config and a small program target
+(``INTERPRETER_TARGET_PROGRAMS``), so that the tests' shapes of tens of rows are split.
 """
-from typing import Tuple
+import functools
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,13 +77,60 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # row granularity of the partial buffers (column-LSE and grad_scale partials); it must divide
 # BLOCK_M.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "PART_BLOCK_M": 16}
+# Programs a launch aims at under the interpreter (the GPU's is PROGRAMS_PER_SM x its SMs).
+INTERPRETER_TARGET_PROGRAMS = 8
 
-# GPU autotuning space. The partial buffers are sized for the smallest BLOCK_M of this space.
+# GPU autotuning space. The partial buffers are sized for the smallest BLOCK_M of this space; the
+# column splits are multiples of the largest BLOCK_N (every BLOCK_N divides it).
 _TUNE_BLOCK_M = (64, 128)
 _TUNE_BLOCK_N = (64, 128)
 _TUNE_BLOCK_K = (32, 64)
 _TUNE_WARPS = (4, 8)
 _GPU_PART_BLOCK_M = min(_TUNE_BLOCK_M)
+
+# Programs per SM a launch aims at: the configs fit one to three programs per SM (89-255
+# registers a thread; the 8-warp backward ones fit one, see benchmarks/triton_compile_report.py),
+# so 2 gives an SM a second program to switch to, or a second wave.
+PROGRAMS_PER_SM = 2
+# Cap on a backward launch's (n_splits, rows, D) fp32 gradient partials.
+PARTIAL_BUDGET_BYTES = 128 << 20
+# Size buckets of the autotune key: powers of two in [BUCKET_MIN, BUCKET_MAX].
+BUCKET_MIN = 128
+BUCKET_MAX = 1 << 16
+
+
+# Which (BLOCK_M, BLOCK_N, BLOCK_K, warps) of the space each kernel may run, per input dtype: the
+# configs that ptxas (sm_90, Triton 3.8) compiles without spilling, as
+# benchmarks/triton_compile_report.py measures offline. bf16 / fp16 tiles feed tensor cores and
+# spill only in the 128 x 128 backward; the "ieee" fp32 dot is a CUDA-core FMA loop whose operand
+# tiles live in registers, so fp32 keeps 8 warps (64 x 64 x 32 also fits in 4) and, in the
+# backward, BLOCK_M = 64 with BLOCK_K = 32. Fewer configs also means fewer compiles on first use.
+def config_allowed_any_dtype(block_m: int, block_n: int, warps: int) -> bool:
+    """The space of every dtype and kernel: no 4-warp 128 x 128 tile, whose fp32 scores alone
+    would take 128 registers a thread."""
+    return not (warps == 4 and block_m * block_n > 64 * 128)
+
+
+def config_allowed(kernel: str, dtype: torch.dtype, d: Optional[int], tile: dict,
+                   warps: int) -> bool:
+    """Whether ``kernel`` ("fwd" or "bwd") may run the config ``tile`` (BLOCK_M / BLOCK_N /
+    BLOCK_K) with ``warps`` on ``dtype`` inputs of feature size ``d`` (None: any)."""
+    bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+    if not config_allowed_any_dtype(bm, bn, warps):
+        return False
+    # A BLOCK_K wider than D only loads padding: keep the narrowest BLOCK_K when D is small.
+    if d is not None and bk > max(d, min(_TUNE_BLOCK_K)):
+        return False
+    small_4_warps = (bm, bn, bk) == (64, 64, 32)
+    if kernel == "fwd":
+        if dtype == torch.float32:
+            return small_4_warps or (warps == 8 and bm * bn < 128 * 128)
+        return True
+    if bm * bn >= 128 * 128:
+        return False
+    if dtype == torch.float32:
+        return warps == 8 and bm == 64 and bk == 32
+    return warps == 8 or small_4_warps
 
 
 if triton is not None:
@@ -103,19 +186,26 @@ if triton is not None:
     @triton.jit
     def _similarity_lse_fwd_kernel(
             a_ptr, b_ptr, scale_ptr,   # a (N, D), b (M, D) contiguous; scale 0-dim fp32
-            row_lse_ptr,               # out (N,) fp32
+            row_part_ptr,              # out (n_splits, N) fp32: row LSE over each column split
             col_part_ptr,              # out (cdiv(N, PART_BLOCK_M), M) fp32 partial column LSE
             N, M, D, diag_offset,
+            cols_per_split,            # columns of a split, a multiple of BLOCK_N
+            N_BUCKET, M_BUCKET,        # size buckets of N and M: read by the autotune key only
             EXCLUDE_DIAG: tl.constexpr, WITH_COLS: tl.constexpr,
             INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PART_BLOCK_M: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid = tl.program_id(0)
+        pid_m = tl.program_id(0)                                         # row block
+        pid_s = tl.program_id(1)                                         # column split
         r_loc = tl.arange(0, BLOCK_M)
         c_loc = tl.arange(0, BLOCK_N)
-        rows = pid * BLOCK_M + r_loc                                     # (BLOCK_M,) int32
+        rows = pid_m * BLOCK_M + r_loc                                   # (BLOCK_M,) int32
         row_ok = rows < N
-        a_blk_ptr = a_ptr + pid.to(tl.int64) * BLOCK_M * D
-        b_tile_ptr = b_ptr
+        a_blk_ptr = a_ptr + pid_m.to(tl.int64) * BLOCK_M * D
+        # This split's columns [col_start, col_end); the split count is cdiv(M, cols_per_split),
+        # so col_start < M, and col_end is written so that it can not overflow int32.
+        col_start = pid_s * cols_per_split
+        col_end = col_start + tl.minimum(cols_per_split, M - col_start)
+        b_tile_ptr = b_ptr + col_start.to(tl.int64) * D
         scale = tl.load(scale_ptr)   # read on the device: no host sync for a learnable scale
 
         # Online row LSE: running max m_i and running sum l_i = sum_j exp(S_ij - m_i).
@@ -123,16 +213,17 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         # Column partials: the buffer has one row per PART_BLOCK_M input rows (sized for the
         # smallest BLOCK_M the autotuner may pick, since the host allocates it before the config
-        # is known). This program covers R = BLOCK_M / PART_BLOCK_M of those rows: it writes its
-        # value into the first and -inf (neutral for logsumexp) into the others, so every run
-        # overwrites the whole buffer and nothing from autotuning's trial runs is left over.
+        # is known). This program covers R = BLOCK_M / PART_BLOCK_M of those rows, for its
+        # split's columns: it writes its value into the first and -inf (neutral for logsumexp)
+        # into the others, so every run overwrites the whole buffer and nothing from autotuning's
+        # trial runs is left over.
         R: tl.constexpr = BLOCK_M // PART_BLOCK_M
-        part_ptr = col_part_ptr + pid.to(tl.int64) * R * M
-        n_filler = tl.minimum(tl.cdiv(N, PART_BLOCK_M) - pid * R, R)     # rows of ours that exist
+        part_ptr = col_part_ptr + pid_m.to(tl.int64) * R * M
+        n_filler = tl.minimum(tl.cdiv(N, PART_BLOCK_M) - pid_m * R, R)   # rows of ours that exist
 
-        for n0 in range(0, M, BLOCK_N):
+        for n0 in range(col_start, col_end, BLOCK_N):
             cols = n0 + c_loc                                            # (BLOCK_N,) int32
-            col_ok = cols < M
+            col_ok = cols < col_end
             s = _raw_scores(a_blk_ptr, b_tile_ptr, r_loc, c_loc, row_ok, col_ok, D,
                             BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST) * scale
             s = tl.where(_allowed(rows, cols, row_ok, col_ok, diag_offset, EXCLUDE_DIAG),
@@ -161,168 +252,152 @@ if triton is not None:
 
         shift = tl.where(m_i == float("-inf"), 0.0, m_i)
         row_lse = tl.where(l_i > 0, shift + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(row_lse_ptr + rows, row_lse, mask=row_ok)
+        tl.store(row_part_ptr + pid_s.to(tl.int64) * N + rows, row_lse, mask=row_ok)
 
     # ------------------------------------------------------------------ backward
     @triton.jit
     def _similarity_lse_bwd_kernel(
-            a_ptr, b_ptr, scale_ptr,          # a (N, D), b (M, D) contiguous; scale 0-dim fp32
-            grad_row_ptr, row_lse_ptr,        # (N,) fp32
-            grad_col_ptr, col_lse_ptr,        # (M,) fp32 (not read unless WITH_COLS)
-            grad_a_ptr,                       # out (N, D) fp32; fully written, no zero-fill needed
-            grad_b_ptr,                       # out (M, D) fp32, contiguous; MUST be zero on entry
-            gs_part_ptr,                      # out (cdiv(N, PART_BLOCK_M),) fp32 grad_scale parts
-            N, M, D, diag_offset,
-            EXCLUDE_DIAG: tl.constexpr, WITH_COLS: tl.constexpr,
+            x_ptr, y_ptr, scale_ptr,     # x (N, D): the rows whose gradient this launch computes;
+                                         # y (M, D): the other side; scale 0-dim fp32
+            own_g_ptr, own_lse_ptr,      # (N,) fp32 upstream gradient and LSE of x's rows' sets
+                                         # (read iff OWN_TERM)
+            other_g_ptr, other_lse_ptr,  # (M,) fp32 the same for y's rows (read iff OTHER_TERM)
+            grad_part_ptr,               # out (n_splits, N, D) fp32 gradient of x per column
+                                         # split; fully written, no zero-fill needed
+            gs_part_ptr,                 # out (n_splits, cdiv(N, PART_BLOCK_M)) fp32 grad_scale
+                                         # parts (written iff SCALE_GRAD)
+            N, M, D, diag_offset,        # pairs (i, i + diag_offset) of x . y^T are excluded
+            cols_per_split,              # columns (rows of y) of a split, a multiple of BLOCK_N
+            N_BUCKET, M_BUCKET,          # size buckets of N and M: read by the autotune key only
+            EXCLUDE_DIAG: tl.constexpr, OWN_TERM: tl.constexpr, OTHER_TERM: tl.constexpr,
+            SCALE_GRAD: tl.constexpr,
             INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, RESCALE_DS: tl.constexpr,
             PART_BLOCK_M: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid = tl.program_id(0)
+        pid_m = tl.program_id(0)                                         # row block of x
+        pid_s = tl.program_id(1)                                         # column split
         r_loc = tl.arange(0, BLOCK_M)
         c_loc = tl.arange(0, BLOCK_N)
-        rows = pid * BLOCK_M + r_loc                                     # (BLOCK_M,) int32
+        rows = pid_m * BLOCK_M + r_loc                                   # (BLOCK_M,) int32
         row_ok = rows < N
-        a_blk_ptr = a_ptr + pid.to(tl.int64) * BLOCK_M * D
-        ga_blk_ptr = grad_a_ptr + pid.to(tl.int64) * BLOCK_M * D
-        b_tile_ptr = b_ptr
-        gb_tile_ptr = grad_b_ptr
+        x_blk_ptr = x_ptr + pid_m.to(tl.int64) * BLOCK_M * D
+        g_blk_ptr = grad_part_ptr + (pid_s.to(tl.int64) * N + pid_m * BLOCK_M) * D
+        col_start = pid_s * cols_per_split                               # as in the forward
+        col_end = col_start + tl.minimum(cols_per_split, M - col_start)
+        y_tile_ptr = y_ptr + col_start.to(tl.int64) * D
         scale = tl.load(scale_ptr)
-        in_dtype = a_ptr.dtype.element_ty
+        in_dtype = x_ptr.dtype.element_ty
 
-        g = tl.load(grad_row_ptr + rows, mask=row_ok, other=0.0)                     # (BLOCK_M,)
-        # A -inf LSE (empty row) must give a 0 term: shift by +inf so exp(S - shift) = 0.
-        r_lse = tl.load(row_lse_ptr + rows, mask=row_ok, other=float("inf"))
-        r_lse = tl.where(r_lse == float("-inf"), float("inf"), r_lse)
+        if OWN_TERM:
+            g = tl.load(own_g_ptr + rows, mask=row_ok, other=0.0)                     # (BLOCK_M,)
+            # A -inf LSE (empty set) must give a 0 term: shift by +inf so exp(S - shift) = 0.
+            r_lse = tl.load(own_lse_ptr + rows, mask=row_ok, other=float("inf"))
+            r_lse = tl.where(r_lse == float("-inf"), float("inf"), r_lse)
         gs_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        x_mask_rows = row_ok[:, None]
 
-        for n0 in range(0, M, BLOCK_N):
+        for n0 in range(col_start, col_end, BLOCK_N):
             cols = n0 + c_loc                                                         # (BLOCK_N,)
-            col_ok = cols < M
-            # Recompute the tile (the only recompute: fwd + bwd = 8 N M D FLOPs in all).
-            dot = _raw_scores(a_blk_ptr, b_tile_ptr, r_loc, c_loc, row_ok, col_ok, D,
-                              BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST)   # a_i . b_j
+            col_ok = cols < col_end
+            # Recompute the tile (each of the two launches does: 8 N M D backward FLOPs in all).
+            dot = _raw_scores(x_blk_ptr, y_tile_ptr, r_loc, c_loc, row_ok, col_ok, D,
+                              BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST)   # x_i . y_j
             s = tl.where(_allowed(rows, cols, row_ok, col_ok, diag_offset, EXCLUDE_DIAG),
                          dot * scale, float("-inf"))                   # excluded -> exp() = 0
 
-            ds = g[:, None] * tl.exp(s - r_lse[:, None])                             # (BM, BN)
-            if WITH_COLS:
-                h = tl.load(grad_col_ptr + cols, mask=col_ok, other=0.0)
-                c_lse = tl.load(col_lse_ptr + cols, mask=col_ok, other=float("inf"))
+            ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if OWN_TERM:
+                ds += g[:, None] * tl.exp(s - r_lse[:, None])
+            if OTHER_TERM:
+                h = tl.load(other_g_ptr + cols, mask=col_ok, other=0.0)
+                c_lse = tl.load(other_lse_ptr + cols, mask=col_ok, other=float("inf"))
                 c_lse = tl.where(c_lse == float("-inf"), float("inf"), c_lse)
                 ds += h[None, :] * tl.exp(s - c_lse[None, :])
 
-            # dL/dscale = sum_ij dS_ij * (a_i . b_j): the raw dot is already in registers.
-            gs_acc += tl.sum(ds * dot, axis=1)
+            if SCALE_GRAD:
+                # dL/dscale = sum_ij dS_ij * (x_i . y_j): the raw dot is already in registers.
+                gs_acc += tl.sum(ds * dot, axis=1)
 
-            # Operands of the two gradient GEMMs. Low-precision inputs: round dS to their dtype so
-            # the GEMMs run on tensor cores (as flash-attention does with P and dS); bf16 keeps
-            # fp32's exponent range. fp16 does not: dS ~ g p ~ 1 / (N M) underflows at large batches
-            # (and a large dS could overflow), so dS is scaled by powers of two (exact) that bring
-            # each row's max |dS| into [1, 2) for grad_a = dS b, and each column's for
-            # grad_b = dS^T a; the factors are undone in fp32 on the GEMM outputs, whose rows they
-            # index. Per row / column (not per tile) so a row whose every dS is small keeps its
-            # precision: an output row only loses terms below 2^-24 of its own largest term.
+            # Operand of the gradient GEMM. Low-precision inputs: round dS to their dtype so the
+            # GEMM runs on tensor cores (as flash-attention does with P and dS); bf16 keeps fp32's
+            # exponent range. fp16 does not: dS ~ g p ~ 1 / (N M) underflows at large batches (and
+            # a large dS could overflow), so each row of dS is scaled by the power of two (exact)
+            # that brings its max |dS| into [1, 2), and the factor is undone in fp32 on the GEMM
+            # output, whose rows it indexes. Per row (not per tile) so a row whose every dS is
+            # small keeps its precision: an output row only loses terms below 2^-24 of its own
+            # largest term.
             if RESCALE_DS:
-                abs_ds = tl.abs(ds)
-                e_row = tl.floor(tl.log2(tl.maximum(tl.max(abs_ds, axis=1), 1e-38)))    # (BM,)
-                e_col = tl.floor(tl.log2(tl.maximum(tl.max(abs_ds, axis=0), 1e-38)))    # (BN,)
-                ds_for_a = (ds * tl.exp2(-e_row)[:, None]).to(in_dtype)
-                ds_for_b = (ds * tl.exp2(-e_col)[None, :]).to(in_dtype)
-                out_a = scale * tl.exp2(e_row)[:, None]                                 # (BM, 1)
-                out_b = scale * tl.exp2(e_col)[:, None]                                 # (BN, 1)
+                e_row = tl.floor(tl.log2(tl.maximum(tl.max(tl.abs(ds), axis=1), 1e-38)))  # (BM,)
+                ds_op = (ds * tl.exp2(-e_row)[:, None]).to(in_dtype)
+                out_scale = scale * tl.exp2(e_row)[:, None]                            # (BM, 1)
             elif UPCAST:
                 # Interpreter, bf16: its tl.dot can not take bf16 (see _raw_scores) and its
                 # fp32 -> bf16 cast truncates where the GPU rounds to nearest even. Emulate the
                 # GPU: round dS to bf16 precision (RNE) but keep it in fp32.
-                ds_for_a = _round_to_bf16_rtne(ds)
-                ds_for_b = ds_for_a
-                out_a = scale
-                out_b = scale
+                ds_op = _round_to_bf16_rtne(ds)
+                out_scale = scale
             else:
-                ds_for_a = ds.to(in_dtype)
-                ds_for_b = ds_for_a
-                out_a = scale
-                out_b = scale
-            ds_for_b = tl.trans(ds_for_b)                                               # (BN, BM)
+                ds_op = ds.to(in_dtype)
+                out_scale = scale
 
             for k0 in range(0, D, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < D
-                a_mask = row_ok[:, None] & k_ok[None, :]
-                b_mask = col_ok[:, None] & k_ok[None, :]
-                a_blk = tl.load(a_blk_ptr + r_loc[:, None] * D + ks[None, :],
-                                mask=a_mask, other=0.0)                                 # (BM, BK)
-                b_blk = tl.load(b_tile_ptr + c_loc[:, None] * D + ks[None, :],
-                                mask=b_mask, other=0.0)                                 # (BN, BK)
+                y_blk = tl.load(y_tile_ptr + c_loc[:, None] * D + ks[None, :],
+                                mask=col_ok[:, None] & k_ok[None, :], other=0.0)        # (BN, BK)
                 if UPCAST:
-                    a_blk = a_blk.to(tl.float32)
-                    b_blk = b_blk.to(tl.float32)
+                    y_blk = y_blk.to(tl.float32)
+                # These gradient rows belong to this program alone: plain read-modify-write. The
+                # split's first column tile stores instead of adding (load masked off), so the
+                # buffer needs no zero-fill and autotuning's trial runs leave nothing behind. The
+                # load and the store use the same pointer tensor, hence the same layout and the
+                # same thread per element, so program order alone orders them.
+                x_mask = x_mask_rows & k_ok[None, :]
+                g_ptrs = g_blk_ptr + r_loc[:, None] * D + ks[None, :]
+                acc = tl.load(g_ptrs, mask=x_mask & (n0 > col_start), other=0.0)
+                acc += tl.dot(ds_op, y_blk, input_precision=INPUT_PRECISION) * out_scale
+                tl.store(g_ptrs, acc, mask=x_mask)
+            y_tile_ptr += BLOCK_N * D
 
-                # grad_a rows belong to this program alone: plain read-modify-write, no atomics.
-                # The first column tile stores instead of adding (load masked off), so grad_a
-                # needs no zero-fill and autotuning's trial runs leave nothing behind. The load
-                # and the store use the same pointer tensor, hence the same layout and the same
-                # thread per element, so program order alone orders them.
-                ga_ptrs = ga_blk_ptr + r_loc[:, None] * D + ks[None, :]
-                ga = tl.load(ga_ptrs, mask=a_mask & (n0 > 0), other=0.0)
-                ga += tl.dot(ds_for_a, b_blk, input_precision=INPUT_PRECISION) * out_a
-                tl.store(ga_ptrs, ga, mask=a_mask)
-
-                # grad_b rows are shared by all cdiv(N, BLOCK_M) row programs: fp32 atomic adds.
-                # That is N M D / BLOCK_M atomics in all (the backward does 6 N M D FLOPs), and
-                # the summation order, hence the last bits of grad_b, varies run to run.
-                # "relaxed" suffices: nothing reads grad_b before the kernel ends.
-                gb = tl.dot(ds_for_b, a_blk, input_precision=INPUT_PRECISION) * out_b
-                tl.atomic_add(gb_tile_ptr + c_loc[:, None] * D + ks[None, :], gb,
-                              mask=b_mask, sem="relaxed")
-            b_tile_ptr += BLOCK_N * D
-            gb_tile_ptr += BLOCK_N * D
-
-        # grad_scale partial of this program, and 0 into the other PART_BLOCK_M slots it covers
-        # (same whole-buffer overwrite scheme as the forward's column partials).
-        R: tl.constexpr = BLOCK_M // PART_BLOCK_M
-        part_ptr = gs_part_ptr + pid * R
-        tl.store(part_ptr, tl.sum(gs_acc, axis=0))
-        n_filler = tl.minimum(tl.cdiv(N, PART_BLOCK_M) - pid * R, R)
-        for r in tl.static_range(1, R):
-            if r < n_filler:
-                tl.store(part_ptr + r, 0.0)
+        if SCALE_GRAD:
+            # grad_scale partial of this program, and 0 into the other PART_BLOCK_M slots it
+            # covers (the forward's whole-buffer overwrite scheme), in its split's row.
+            R: tl.constexpr = BLOCK_M // PART_BLOCK_M
+            n_parts = tl.cdiv(N, PART_BLOCK_M)
+            part_ptr = gs_part_ptr + pid_s.to(tl.int64) * n_parts + pid_m * R
+            tl.store(part_ptr, tl.sum(gs_acc, axis=0))
+            n_filler = tl.minimum(n_parts - pid_m * R, R)
+            for r in tl.static_range(1, R):
+                if r < n_filler:
+                    tl.store(part_ptr + r, 0.0)
 
     # ------------------------------------------------------------------ autotuned wrappers (GPU)
-    def _tune_configs(kernel: str):
-        """The tile space, less the 4-warp configs that ptxas (sm_90, Triton 3.8, D % 16 == 0)
-        showed spilling: 4 warps hold each (BLOCK_M x BLOCK_N) fp32 tile on half the threads of 8,
-        and the backward keeps dS, its low-precision copies and the grad_a / grad_b chunks live.
-        Fewer configs also means fewer compiles on first use.
-        """
-        configs = []
-        for bm in _TUNE_BLOCK_M:
-            for bn in _TUNE_BLOCK_N:
-                for bk in _TUNE_BLOCK_K:
-                    for w in _TUNE_WARPS:
-                        if w == 4 and kernel == "fwd" and bm * bn > 64 * 128:
-                            continue
-                        if w == 4 and kernel == "bwd" and (bm, bn, bk) != (64, 64, 32):
-                            continue
-                        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                                                     num_warps=w, num_stages=3))
-        return configs
+    def _tune_space():
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
+                              num_stages=3)
+                for bm in _TUNE_BLOCK_M for bn in _TUNE_BLOCK_N for bk in _TUNE_BLOCK_K
+                for w in _TUNE_WARPS if config_allowed_any_dtype(bm, bn, w)]
 
-    def _prune_configs(configs, named_args, **kwargs):
-        # A BLOCK_K wider than D only loads padding: keep the narrowest BLOCK_K when D is small.
-        d = named_args["D"]
-        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= max(d, min(_TUNE_BLOCK_K))]
-        return kept or configs
+    def _pruner(kernel: str):
+        def prune(configs, named_args, **kwargs):
+            x = named_args["a_ptr"] if "a_ptr" in named_args else named_args["x_ptr"]
+            kept = [c for c in configs if config_allowed(kernel, x.dtype, named_args["D"],
+                                                         c.kwargs, c.num_warps)]
+            return kept or configs
+        return prune
 
-    # The autotuner appends every tensor argument's dtype to the key: key=["D"] means (D, dtypes).
-    _fwd_tuned = triton.autotune(configs=_tune_configs("fwd"), key=["D"],
-                                 prune_configs_by={"early_config_prune": _prune_configs},
-                                 )(_similarity_lse_fwd_kernel)
-    # grad_b is accumulated with atomics: zero it before every trial run (and after tuning).
-    # grad_a and the partial buffers are fully overwritten by every run.
-    _bwd_tuned = triton.autotune(configs=_tune_configs("bwd"), key=["D"],
-                                 prune_configs_by={"early_config_prune": _prune_configs},
-                                 reset_to_zero=["grad_b_ptr"])(_similarity_lse_bwd_kernel)
+    # The autotuner appends every tensor argument's dtype to the key. Every output is fully
+    # overwritten by every run, so trial runs need no reset. The two backward launches (grad_a
+    # with grad_scale, grad_b) are tuned apart: their flags differ and the key does not see them.
+    _TUNE_KEY = ["D", "N_BUCKET", "M_BUCKET"]
+
+    def _tuned(kernel, name):
+        return triton.autotune(configs=_tune_space(), key=_TUNE_KEY,
+                               prune_configs_by={"early_config_prune": _pruner(name)})(kernel)
+
+    _fwd_tuned = _tuned(_similarity_lse_fwd_kernel, "fwd")
+    _bwd_rows_tuned = _tuned(_similarity_lse_bwd_kernel, "bwd")   # x = a: grad_a, grad_scale
+    _bwd_cols_tuned = _tuned(_similarity_lse_bwd_kernel, "bwd")   # x = b: grad_b
 
 
 # ---------------------------------------------------------------------- host side
@@ -405,19 +480,73 @@ def _precision_flags(dtype: torch.dtype) -> dict:
     }
 
 
-def _part_block_m() -> int:
-    return _INTERPRETER_CONFIG["PART_BLOCK_M"] if _INTERPRET else _GPU_PART_BLOCK_M
+
+# ---------------------------------------------------------------------- grid
+def _cdiv(x: int, y: int) -> int:
+    return -(-x // y)
 
 
-def _launch(kernel_raw, kernel_tuned, n: int, args: tuple, meta: dict) -> None:
+def _geometry() -> Tuple[int, int, int]:
+    """(largest BLOCK_M, largest BLOCK_N, PART_BLOCK_M) of the configs that may run: the host sizes
+    splits and buffers before the autotuner picks a config."""
+    if _INTERPRET:
+        cfg = _INTERPRETER_CONFIG
+        return cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["PART_BLOCK_M"]
+    return max(_TUNE_BLOCK_M), max(_TUNE_BLOCK_N), _GPU_PART_BLOCK_M
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a launch on ``device`` should have to keep every SM busy."""
+    if _INTERPRET:
+        return INTERPRETER_TARGET_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return PROGRAMS_PER_SM * _sm_count(index)
+
+
+def split_extent(rows: int, cols: int, target: int, row_block: int, col_granule: int,
+                 max_splits: Optional[int] = None) -> Tuple[int, int]:
+    """(cols_per_split, n_splits) for a grid of cdiv(rows, row_block) row blocks x n_splits column
+    splits: the fewest splits that reach ``target`` programs, at most one per ``col_granule``
+    columns (every BLOCK_N divides the granule, so it tiles a split) and at most ``max_splits``.
+    Splits are whole granules, equal but for the last, which may be shorter; rounding to granules
+    can leave fewer splits than asked for, never fewer than half. Every split holds a column."""
+    row_blocks = _cdiv(rows, row_block)
+    granules = _cdiv(cols, col_granule)
+    splits = min(_cdiv(target, row_blocks), granules)
+    if max_splits is not None:
+        splits = min(splits, max_splits)
+    splits = max(splits, 1)
+    per_split = _cdiv(granules, splits) * col_granule
+    return per_split, _cdiv(cols, per_split)
+
+
+def size_bucket(n: int) -> int:
+    """The autotune key's bucket of an extent: its next power of two, clamped to
+    [BUCKET_MIN, BUCKET_MAX]."""
+    return min(max(1 << max(n - 1, 0).bit_length(), BUCKET_MIN), BUCKET_MAX)
+
+
+def _launch(kernel_raw, kernel_tuned, grid, args: tuple, meta: dict) -> None:
+    """``grid(config) -> (row blocks, splits)``; the interpreter runs its one config untuned."""
     if _INTERPRET:
         cfg = dict(_INTERPRETER_CONFIG)
         cfg.pop("PART_BLOCK_M")
-        kernel_raw[(triton.cdiv(n, cfg["BLOCK_M"]),)](*args, **meta, **cfg)
+        kernel_raw[grid(cfg)](*args, **meta, **cfg)
     else:
-        kernel_tuned[lambda meta_: (triton.cdiv(n, meta_["BLOCK_M"]),)](*args, **meta)
+        kernel_tuned[grid](*args, **meta)
 
 
+def _sum_splits(part: Tensor) -> Tensor:
+    """(n_splits, rows, D) -> (rows, D): torch's reduction over a fixed shape, deterministic."""
+    return part[0] if part.shape[0] == 1 else part.sum(dim=0)
+
+
+# ---------------------------------------------------------------------- forward / backward
 def similarity_lse_forward_triton(a: Tensor, b: Tensor, scale: Tensor, diag_offset: int,
                                   exclude_diag: bool, with_cols: bool) -> Tuple[Tensor, Tensor]:
     """Row / column LSE of ``scale * a @ b.T`` (see module doc). Returns fp32 (N,), (M,) or (0,)."""
@@ -425,9 +554,8 @@ def similarity_lse_forward_triton(a: Tensor, b: Tensor, scale: Tensor, diag_offs
     _require_triton(a.device)
     n, d = a.shape
     m = b.shape[0]
-    row_lse = torch.empty(n, device=a.device, dtype=torch.float32)
     if n == 0 or m == 0:   # every set is empty (or there are no rows): no launch
-        row_lse.fill_(float("-inf"))
+        row_lse = torch.full((n,), float("-inf"), device=a.device, dtype=torch.float32)
         col_lse = torch.full((m if with_cols else 0,), float("-inf"), device=a.device,
                              dtype=torch.float32)
         return row_lse, col_lse
@@ -436,28 +564,62 @@ def similarity_lse_forward_triton(a: Tensor, b: Tensor, scale: Tensor, diag_offs
     b = b.contiguous()
     scale = scale.detach().reshape(()).to(torch.float32).contiguous()
     diag_offset, exclude_diag = _effective_exclusion(n, m, diag_offset, exclude_diag)
-    part = _part_block_m()
-    n_parts = triton.cdiv(n, part)
-    # (n_parts, M) column partials; every launch overwrites all of it, so no fill is needed.
-    col_part = torch.empty((n_parts, m) if with_cols else (1,), device=a.device,
+    block_m, block_n, part = _geometry()
+    per_split, n_splits = split_extent(n, m, target_programs(a.device), block_m, block_n)
+    # Both buffers are fully overwritten by every launch: no fill.
+    row_part = torch.empty((n_splits, n), device=a.device, dtype=torch.float32)
+    col_part = torch.empty((_cdiv(n, part), m) if with_cols else (1,), device=a.device,
                            dtype=torch.float32)
-    _launch(_similarity_lse_fwd_kernel, _fwd_tuned, n,
-            (a, b, scale, row_lse, col_part, n, m, d, diag_offset),
+    _launch(_similarity_lse_fwd_kernel, _fwd_tuned,
+            lambda cfg: (_cdiv(n, cfg["BLOCK_M"]), n_splits),
+            (a, b, scale, row_part, col_part, n, m, d, diag_offset, per_split,
+             size_bucket(n), size_bucket(m)),
             dict(EXCLUDE_DIAG=exclude_diag, WITH_COLS=with_cols, PART_BLOCK_M=part,
                  **_precision_flags(a.dtype)))
+    # Merge the partial LSEs (all -inf stays -inf): O(n_splits N) and O(M N / PART_BLOCK_M).
+    row_lse = row_part[0] if n_splits == 1 else torch.logsumexp(row_part, dim=0)
     if with_cols:
-        # Merge the per-row-block partial LSEs: O(M N / PART_BLOCK_M), all -inf stays -inf.
         col_lse = torch.logsumexp(col_part, dim=0)
     else:
         col_lse = torch.empty(0, device=a.device, dtype=torch.float32)
     return row_lse, col_lse
 
 
+def _backward_rows(x: Tensor, y: Tensor, scale: Tensor, own: Optional[Tuple[Tensor, Tensor]],
+                   other: Optional[Tuple[Tensor, Tensor]], diag_offset: int, exclude_diag: bool,
+                   scale_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """One backward launch: the fp32 gradient (rows, D) of x, where S = scale x y^T and ``own`` /
+    ``other`` are the (upstream gradient, LSE) of x's / y's rows (None: that term is absent);
+    with ``scale_grad`` also grad_scale (0-dim), else None."""
+    n, d = x.shape
+    m = y.shape[0]
+    block_m, block_n, part = _geometry()
+    max_splits = max(1, PARTIAL_BUDGET_BYTES // (4 * n * d))
+    per_split, n_splits = split_extent(n, m, target_programs(x.device), block_m, block_n,
+                                       max_splits)
+    grad_part = torch.empty((n_splits, n, d), device=x.device, dtype=torch.float32)
+    gs_part = torch.empty((n_splits, _cdiv(n, part)) if scale_grad else (1,), device=x.device,
+                          dtype=torch.float32)
+    unused = scale   # any valid pointer for an argument the flags say is never read
+    own_g, own_lse = own if own is not None else (unused, unused)
+    other_g, other_lse = other if other is not None else (unused, unused)
+    _launch(_similarity_lse_bwd_kernel,
+            _bwd_rows_tuned if scale_grad else _bwd_cols_tuned,
+            lambda cfg: (_cdiv(n, cfg["BLOCK_M"]), n_splits),
+            (x, y, scale, own_g, own_lse, other_g, other_lse, grad_part, gs_part,
+             n, m, d, diag_offset, per_split, size_bucket(n), size_bucket(m)),
+            dict(EXCLUDE_DIAG=exclude_diag, OWN_TERM=own is not None,
+                 OTHER_TERM=other is not None, SCALE_GRAD=scale_grad, PART_BLOCK_M=part,
+                 RESCALE_DS=x.dtype == torch.float16, **_precision_flags(x.dtype)))
+    return _sum_splits(grad_part), (gs_part.sum() if scale_grad else None)
+
+
 def similarity_lse_backward_triton(grad_row: Tensor, grad_col: Tensor, a: Tensor, b: Tensor,
                                    scale: Tensor, row_lse: Tensor, col_lse: Tensor,
                                    diag_offset: int, exclude_diag: bool, with_cols: bool
                                    ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the row / column LSE: (grad_a (N, D), grad_b (M, D), grad_scale ()), fp32."""
+    """Gradients of the row / column LSE: (grad_a (N, D), grad_b (M, D), grad_scale ()), fp32.
+    Deterministic: bit-equal results for equal inputs (no atomics, fixed-order reductions)."""
     _check_common(a, b, scale, diag_offset, exclude_diag, with_cols)
     _require_triton(a.device)
     n, d = a.shape
@@ -467,9 +629,7 @@ def similarity_lse_backward_triton(grad_row: Tensor, grad_col: Tensor, a: Tensor
     if with_cols:
         grad_col = _check_vector("grad_col", grad_col, m, a.device)
         col_lse = _check_vector("col_lse", col_lse, m, a.device)
-    else:
-        grad_col = col_lse = row_lse   # never read (WITH_COLS=False); any valid pointer
-    if n == 0 or m == 0:   # no pairs: no gradient
+    if n == 0 or m == 0 or d == 0:   # no pairs (or no features): no gradient
         return (torch.zeros((n, d), device=a.device, dtype=torch.float32),
                 torch.zeros((m, d), device=a.device, dtype=torch.float32),
                 torch.zeros((), device=a.device, dtype=torch.float32))
@@ -478,13 +638,12 @@ def similarity_lse_backward_triton(grad_row: Tensor, grad_col: Tensor, a: Tensor
     b = b.contiguous()
     scale = scale.detach().reshape(()).to(torch.float32).contiguous()
     diag_offset, exclude_diag = _effective_exclusion(n, m, diag_offset, exclude_diag)
-    part = _part_block_m()
-    grad_a = torch.empty((n, d), device=a.device, dtype=torch.float32)   # fully written
-    grad_b = torch.zeros((m, d), device=a.device, dtype=torch.float32)   # atomic accumulation
-    gs_part = torch.empty(triton.cdiv(n, part), device=a.device, dtype=torch.float32)
-    _launch(_similarity_lse_bwd_kernel, _bwd_tuned, n,
-            (a, b, scale, grad_row, row_lse, grad_col, col_lse, grad_a, grad_b, gs_part,
-             n, m, d, diag_offset),
-            dict(EXCLUDE_DIAG=exclude_diag, WITH_COLS=with_cols, PART_BLOCK_M=part,
-                 RESCALE_DS=a.dtype == torch.float16, **_precision_flags(a.dtype)))
-    return grad_a, grad_b, gs_part.sum()
+    rows_term = (grad_row, row_lse)
+    cols_term = (grad_col, col_lse) if with_cols else None
+    grad_a, grad_scale = _backward_rows(a, b, scale, rows_term, cols_term, diag_offset,
+                                        exclude_diag, scale_grad=True)
+    # grad_b: the same kernel on S^T = scale b a^T, whose pair (j, i) is excluded where
+    # i == j - diag_offset; b's own sets are the columns of S.
+    grad_b, _ = _backward_rows(b, a, scale, cols_term, rows_term, -diag_offset, exclude_diag,
+                               scale_grad=False)
+    return grad_a, grad_b, grad_scale
