@@ -17,22 +17,37 @@ Other keys are kept in :attr:`Record.extra`. Blank lines are ignored.
 :func:`read_records` raises an error that names the path (and the line) for a folder that does not
 exist, a missing ``captions.jsonl``, a malformed line, an entry without captions, an image path that
 escapes the folder or does not exist, and an empty dataset. Nothing is dropped silently.
+
+The data package's caches (the shapes dataset, caption embeddings, parsed annotations) share the
+helpers at the end of this module: :class:`DamagedCacheError` for a cache file that fails its check
+when opened, :func:`warn_rebuilding` for the one line that reports it, and the cleanup of what a
+killed writer left behind.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from fastxmc.atomic import TEMP_MARK, atomic_write_bytes, temporary_path
+
 CAPTIONS_FILE = "captions.jsonl"
 
-__all__ = ["CAPTIONS_FILE", "DatasetFormatError", "Record", "read_records", "write_records"]
+__all__ = ["CAPTIONS_FILE", "DatasetFormatError", "Record", "read_records", "write_records", "DataWarning",
+           "DamagedCacheError", "warn_rebuilding", "file_sha256", "remove_abandoned_temporaries", "move_aside"]
 
 
 class DatasetFormatError(ValueError):
     """A dataset's annotations are malformed, empty or point outside the dataset."""
+
+
+class DataWarning(UserWarning):
+    """Something in a dataset was left out or changed (named in the message)."""
 
 
 @dataclass
@@ -130,30 +145,100 @@ def read_records(folder, *, check_images: bool = True) -> list[Record]:
 
 
 def write_records(folder, records: Iterable[Record | dict], *, check_images: bool = True) -> Path:
-    """Write ``FOLDER/captions.jsonl`` atomically (temp file, then ``os.replace``).
+    """Write ``FOLDER/captions.jsonl`` atomically (:func:`fastxmc.atomic.atomic_write_bytes`).
 
     ``records`` are :class:`Record` objects or dicts with the JSON keys. The image files must
-    already be in place when ``check_images`` is true. Returns the path of the annotation file.
+    already be in place when ``check_images`` is true. Every record is checked before anything is
+    written, so a bad record leaves an existing ``captions.jsonl`` as it was. Returns its path.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     ann = folder / CAPTIONS_FILE
-    tmp = folder / f".{CAPTIONS_FILE}.tmp-{os.getpid()}"
-    n = 0
+    lines = []
+    for i, rec in enumerate(records):
+        obj = rec.to_json() if isinstance(rec, Record) else dict(rec)
+        where = f"record {i} for {ann}"
+        _check_image_path(folder, obj.get("image"), where, check_images)
+        _check_captions(obj.get("captions"), where)
+        _check_labels(obj.get("labels"), where)
+        lines.append(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
+    if not lines:
+        raise DatasetFormatError(f"{ann}: refusing to write an empty dataset")
+    return atomic_write_bytes("".join(lines).encode("utf-8"), ann)
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches: files fastxmc derived from a dataset and can derive again
+
+
+class DamagedCacheError(ValueError):
+    """A cache file failed its check when opened (truncated, garbled, missing, or its content
+    differs from the digest recorded when it was written). ``path`` names the file, ``why`` says
+    what is wrong; the cache is rebuilt by whoever opened it."""
+
+    def __init__(self, path, why: str):
+        self.path, self.why = Path(path), why
+        super().__init__(f"cache {self.path} is damaged ({why})")
+
+
+def warn_rebuilding(err: DamagedCacheError, what: str) -> None:
+    """Report ``err`` in one warning line that also says what is rebuilt (``what``, e.g. "the
+    caption cache DIR"): a damaged cache costs a rebuild, never the run."""
+    warnings.warn(f"fastxmc.data: {err}; rebuilding {what}", DataWarning, stacklevel=3)
+
+
+def file_sha256(path) -> str:
+    """The sha256 (hex) of the file at ``path``, read in blocks: cache arrays can be gigabytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i, rec in enumerate(records):
-                obj = rec.to_json() if isinstance(rec, Record) else dict(rec)
-                where = f"record {i} for {ann}"
-                _check_image_path(folder, obj.get("image"), where, check_images)
-                _check_captions(obj.get("captions"), where)
-                _check_labels(obj.get("labels"), where)
-                f.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
-                n += 1
-        if n == 0:
-            raise DatasetFormatError(f"{ann}: refusing to write an empty dataset")
-        os.replace(tmp, ann)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return ann
+        os.kill(pid, 0)
+    except PermissionError:          # exists, owned by someone else
+        return True
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_abandoned_temporaries(target) -> None:
+    """Delete the temporaries of ``target`` (:func:`fastxmc.atomic.atomic_target`'s names,
+    ``.NAME.tmp-<pid>-...``) whose process is gone: a killed build leaves a whole directory
+    behind. Those of a live process are kept, since another rank may be writing the same cache."""
+    target = Path(target)
+    prefix = f".{target.name}{TEMP_MARK}"
+    if not target.parent.is_dir():
+        return
+    for p in target.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        try:
+            pid = int(p.name[len(prefix):].split("-")[0])
+        except ValueError:
+            continue
+        if _pid_alive(pid):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def move_aside(target) -> None:
+    """Remove the directory ``target`` by renaming it to a temporary name first, then deleting
+    it: ``os.replace`` installs a new directory only over a missing or empty one, and the rename
+    makes the old one disappear at once, not file by file under the name readers use."""
+    target = Path(target)
+    aside = temporary_path(target)
+    try:
+        os.replace(target, aside)
+    except FileNotFoundError:        # another process moved it first
+        return
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)

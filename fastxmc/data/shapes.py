@@ -27,26 +27,32 @@ split do not depend on the split's size.
 On disk (see :func:`write_shapes_dataset`)::
 
     ROOT/meta.json                       config, vocabularies, label names, hashes
+    ROOT/manifest.json                   size and sha256 of every file below
     ROOT/<split>/captions.jsonl          the ``folder`` format (fastxmc.data.folder)
     ROOT/<split>/images/000000.png ...
     ROOT/<split>/attributes.jsonl        per-image attribute records, same order as captions.jsonl
 
 ``ensure_shapes_dataset(cfg)`` writes it once under :func:`default_cache_dir` (keyed by the config
 hash) and returns the root. ``python -m fastxmc.data.shapes --out DIR`` writes one by hand.
+
+Every use of an existing dataset checks its files against the manifest (:func:`verify_dataset`). A
+damaged dataset (a truncated, garbled or missing image, label or index file) is reported in one
+:class:`~fastxmc.data.folder.DataWarning` line naming the file and why, then generated again:
+the run goes on with the bytes a fresh dataset holds. A failed write (a full disk) raises
+:class:`~fastxmc.atomic.FileWriteError` and leaves any previous dataset as it was.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -55,13 +61,16 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fastxmc.data.folder import Record, write_records
+from fastxmc.atomic import FileWriteError, atomic_target
+from fastxmc.data.folder import (CAPTIONS_FILE, DamagedCacheError, DatasetFormatError, Record, file_sha256,
+                                 move_aside, read_records, remove_abandoned_temporaries, warn_rebuilding, write_records)
 
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "POSITIONS", "BACKGROUND_KINDS", "BACKGROUND_COLORS",
     "LABEL_NAMES", "NUM_CLASSES", "SPLIT_IDS", "GENERATOR_VERSION", "ShapesConfig", "Sample",
     "label_of", "label_attribute", "generate_sample", "sample_rng", "config_hash", "write_shapes_dataset",
-    "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete", "named_attributes",
+    "ensure_shapes_dataset", "default_cache_dir", "read_attributes", "is_complete", "verify_dataset",
+    "named_attributes",
     "named_positions",
     "primary_objects", "primary_object_keys", "ATTRIBUTE_VALUES",
     "describe_object",
@@ -496,21 +505,137 @@ def default_cache_dir() -> Path:
     return Path(base) / "fastxmc"
 
 
-def _read_meta(root: Path) -> dict | None:
+META, MANIFEST = "meta.json", "manifest.json"
+_DIGEST_DIFFERS = "its content differs from the sha256 recorded in manifest.json"
+
+
+def _load_meta(root: Path) -> dict | None:
+    """``root/meta.json``; None when there is none, :class:`DamagedCacheError` when it does not parse."""
+    path = root / META
     try:
-        with open(root / "meta.json", encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as err:      # ValueError: not UTF-8, or not JSON (truncated)
+        raise DamagedCacheError(path, f"unreadable: {err}") from None
+    if not isinstance(meta, dict):
+        raise DamagedCacheError(path, "not a JSON object")
+    return meta
+
+
+def _is_dataset_of(meta: dict | None, cfg: ShapesConfig) -> bool:
+    return bool(meta) and bool(meta.get("complete")) and meta.get("config_hash") == config_hash(cfg)
 
 
 def is_complete(root, cfg: ShapesConfig) -> bool:
-    """Whether ``root`` holds a complete shapes dataset generated from ``cfg``."""
-    root = Path(root)
-    meta = _read_meta(root)
-    if not meta or not meta.get("complete") or meta.get("config_hash") != config_hash(cfg):
+    """Whether ``root``'s meta.json marks a complete shapes dataset generated from ``cfg`` (its files
+    are not read: :func:`verify_dataset` checks them)."""
+    try:
+        meta = _load_meta(Path(root))
+    except DamagedCacheError:
         return False
-    return all((root / s / "captions.jsonl").is_file() for s in meta.get("splits", {}))
+    return _is_dataset_of(meta, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a dataset on disk
+
+# (root, manifest digest, stat signature) of the datasets whose files matched their sha256 in this
+# process; (root, content digest, meta.json mtime) for datasets written without a manifest.
+_VERIFIED: set = set()
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except FileNotFoundError:
+        raise DamagedCacheError(path, "missing") from None
+
+
+def _load_manifest(root: Path, meta: dict) -> dict:
+    """{relative path: [bytes, sha256]} of manifest.json, itself checked against meta.json."""
+    path = root / MANIFEST
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DamagedCacheError(path, "missing") from None
+    if hashlib.sha256(data).hexdigest() != meta["manifest_sha256"]:
+        raise DamagedCacheError(path, "its content differs from the sha256 recorded in meta.json")
+    return json.loads(data)["files"]
+
+
+def _check_sizes(root: Path, files: dict) -> int:
+    """Raise for the first file whose size is not the recorded one; returns a hash of every file's
+    (inode, size, mtime), which changes whenever a file is rewritten."""
+    stats = []
+    for rel, (size, _) in files.items():
+        path = root / rel
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise DamagedCacheError(path, "missing") from None
+        if st.st_size != size:
+            raise DamagedCacheError(path, f"{st.st_size} bytes, {size} expected")
+        stats.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return hash(tuple(stats))
+
+
+def verify_dataset(root, meta: dict | None = None) -> None:
+    """Check the files of the complete dataset at ``root`` against what was recorded when they were
+    written; raise :class:`~fastxmc.data.folder.DamagedCacheError` naming the first bad file.
+
+    Every call: manifest.json must match its sha256 in meta.json, and every file it lists must
+    exist with its recorded size (one ``stat`` per file): that finds truncated and missing files.
+    The first call per process, and again whenever a file's inode, size or mtime changed: every
+    file's sha256 too, which finds garbage of the right size. Measured on 5250 images at 64 px
+    (35 MB): 0.08 s per call, 0.3 s for the first, so about 0.3 s and 1.2 s for the default 21000;
+    hashing at every call would add the second figure to every loader and evaluation for what a
+    stat mostly finds already. A dataset written before the manifest existed is checked against
+    its content digest (every image and caption), once per process.
+    """
+    root = Path(root)
+    meta = meta if meta is not None else _load_meta(root)
+    if meta is None:
+        raise DamagedCacheError(root / META, "missing")
+    if "manifest_sha256" not in meta:
+        _verify_content_digest(root, meta)
+        return
+    files = _load_manifest(root, meta)
+    signature = (str(root.absolute()), meta["manifest_sha256"], _check_sizes(root, files))
+    if signature in _VERIFIED:
+        return
+    for rel, (_, digest) in files.items():
+        if _sha256(root / rel) != digest:
+            raise DamagedCacheError(root / rel, _DIGEST_DIFFERS)
+    _VERIFIED.add(signature)
+
+
+def _hash_sample(h, data: bytes, rec: Record) -> None:
+    """Feed one image's PNG bytes and its record into the content digest (meta's content_sha256)."""
+    h.update(data)
+    h.update(json.dumps(rec.to_json(), sort_keys=True).encode())
+
+
+def _verify_content_digest(root: Path, meta: dict) -> None:
+    key = (str(root.absolute()), meta.get("content_sha256"), (root / META).stat().st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    h = hashlib.sha256()
+    for split, info in meta["splits"].items():
+        folder = root / info["folder"]
+        try:
+            records = read_records(folder, check_images=False)
+        except (DatasetFormatError, FileNotFoundError, ValueError) as err:
+            raise DamagedCacheError(folder / CAPTIONS_FILE, str(err)) from None
+        h.update(f"split {split} {info['n']}\n".encode())
+        for rec in records:
+            try:
+                _hash_sample(h, rec.path.read_bytes(), rec)
+            except FileNotFoundError:
+                raise DamagedCacheError(rec.path, "missing") from None
+    if h.hexdigest() != meta.get("content_sha256"):
+        raise DamagedCacheError(root, "its images or captions differ from the content_sha256 in meta.json")
+    _VERIFIED.add(key)
 
 
 def read_attributes(folder) -> list[dict]:
@@ -520,33 +645,6 @@ def read_attributes(folder) -> list[dict]:
         raise FileNotFoundError(f"attribute file {path} not found")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except PermissionError:          # exists, owned by someone else
-        return True
-    except (ProcessLookupError, OverflowError, ValueError):
-        return False
-    return True
-
-
-def _tmp_prefix(root: Path) -> str:
-    return f".{root.name}.tmp-"
-
-
-def _clean_stale(root: Path) -> None:
-    """Remove temp dirs of earlier, interrupted generations (their process is gone)."""
-    if not root.parent.is_dir():
-        return
-    for p in root.parent.glob(_tmp_prefix(root) + "*"):
-        try:
-            pid = int(p.name[len(_tmp_prefix(root)):].split("-")[0])
-        except ValueError:
-            continue
-        if p.is_dir() and not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 class _Progress:
@@ -578,8 +676,7 @@ def _write_split(out: Path, split: str, cfg: ShapesConfig, h, progress: _Progres
         with open(out / name, "wb") as f:
             f.write(data)
         rec = Record(name, s.captions, [s.label])
-        h.update(data)
-        h.update(json.dumps(rec.to_json(), sort_keys=True).encode())
+        _hash_sample(h, data, rec)
         records.append(rec)
         attrs.append(json.dumps({"image": name, **s.attributes}, separators=(",", ":")))
         done += 1
@@ -589,26 +686,57 @@ def _write_split(out: Path, split: str, cfg: ShapesConfig, h, progress: _Progres
     return done
 
 
-def write_shapes_dataset(root, cfg: ShapesConfig | None = None, progress: bool = True,
-                         overwrite: bool = False) -> Path:
-    """Generate the dataset of ``cfg`` into ``root`` (see the module docstring for the layout).
+def _manifest(folder: Path) -> dict:
+    """{relative path: [bytes, sha256]} of every file under ``folder`` (but meta and manifest), sorted."""
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (META, MANIFEST))
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _sha256(p)] for p in paths}
 
-    Idempotent: if ``root`` already holds a complete dataset of the same config (and generator
-    version) it returns at once. Atomic: everything is written into a sibling temp directory that
-    is renamed to ``root`` at the end, so an interrupted run never leaves something that looks
-    complete; temp dirs left by dead processes are removed. A ``root`` that holds anything else
-    is an error unless ``overwrite``. Concurrent calls (e.g. one per rank) are safe.
-    """
-    cfg = cfg or ShapesConfig()
-    root = Path(root)
-    if is_complete(root, cfg):
-        return root
-    if root.exists() and not overwrite and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root} exists and does not hold a shapes dataset with this config "
-                              f"(hash {config_hash(cfg)[:16]}); pass overwrite=True or use another path")
+
+def _write_dataset(out: Path, cfg: ShapesConfig, sizes: dict, prog: _Progress) -> None:
+    """Every file of the dataset of ``cfg`` into the new directory ``out``, meta.json last."""
+    out.mkdir()
+    h = hashlib.sha256()
+    done = 0
+    for split in sizes:
+        done = _write_split(out / split, split, cfg, h, prog, done)
+    manifest = json.dumps({"format": "fastxmc-shapes-manifest", "files": _manifest(out)},
+                          separators=(",", ":")).encode()
+    (out / MANIFEST).write_bytes(manifest)
+    meta = {
+        "format": "fastxmc-shapes",
+        "generator_version": GENERATOR_VERSION,
+        "config": dataclasses.asdict(cfg),
+        "config_hash": config_hash(cfg),
+        "content_sha256": h.hexdigest(),
+        "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "splits": {s: {"folder": s, "n": n} for s, n in sizes.items()},
+        "num_classes": NUM_CLASSES,
+        "label_names": list(LABEL_NAMES),
+        "label_definition": "SHAPES.index(shape) * len(COLORS) + COLORS.index(color) "
+                            "of the primary object (objects[0])",
+        "vocab": {"shapes": list(SHAPES), "colors": list(COLORS), "sizes": list(SIZES),
+                  "positions": list(POSITIONS), "background_kinds": list(BACKGROUND_KINDS),
+                  "background_colors": list(BACKGROUND_COLORS)},
+        "complete": True,
+    }
+    (out / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+
+def _make_way(root: Path, replace: bool) -> None:
+    """Just before the new dataset is renamed to ``root``: remove what is there when ``replace``,
+    or an empty directory. Anything else is another process's finished dataset: the rename then
+    fails and that one is used."""
+    if not root.exists():
+        return
+    if replace:
+        move_aside(root)
+    elif root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+
+
+def _generate(root: Path, cfg: ShapesConfig, progress: bool, replace: bool) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(root)
-    tmp = root.parent / f"{_tmp_prefix(root)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_abandoned_temporaries(root)
     sizes = {s: n for s, n in cfg.split_sizes().items() if n > 0}
     prog = _Progress(progress, sum(sizes.values()))
     t0 = time.monotonic()
@@ -616,44 +744,15 @@ def write_shapes_dataset(root, cfg: ShapesConfig | None = None, progress: bool =
         print(f"fastxmc.data.shapes: generating {sizes} images at {cfg.resolution}px into {root}",
               file=sys.stderr, flush=True)
     try:
-        tmp.mkdir()
-        h = hashlib.sha256()
-        done = 0
-        for split in sizes:
-            done = _write_split(tmp / split, split, cfg, h, prog, done)
-        meta = {
-            "format": "fastxmc-shapes",
-            "generator_version": GENERATOR_VERSION,
-            "config": dataclasses.asdict(cfg),
-            "config_hash": config_hash(cfg),
-            "content_sha256": h.hexdigest(),
-            "splits": {s: {"folder": s, "n": n} for s, n in sizes.items()},
-            "num_classes": NUM_CLASSES,
-            "label_names": list(LABEL_NAMES),
-            "label_definition": "SHAPES.index(shape) * len(COLORS) + COLORS.index(color) "
-                                "of the primary object (objects[0])",
-            "vocab": {"shapes": list(SHAPES), "colors": list(COLORS), "sizes": list(SIZES),
-                      "positions": list(POSITIONS), "background_kinds": list(BACKGROUND_KINDS),
-                      "background_colors": list(BACKGROUND_COLORS)},
-            "complete": True,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        if root.exists():
-            if overwrite and not is_complete(root, cfg):
-                old = root.parent / f"{_tmp_prefix(root)}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
-                os.replace(root, old)
-                shutil.rmtree(old, ignore_errors=True)
-            elif root.is_dir() and not any(root.iterdir()):
-                root.rmdir()
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if is_complete(root, cfg):      # another process finished first
-                return root
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_target(root) as tmp:
+            _write_dataset(tmp, cfg, sizes, prog)
+            _make_way(root, replace)
+    except FileWriteError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST) and is_complete(root, cfg):
+            return root                 # another process finished first
+        if err.path != root:            # a file inside the temporary directory: name the dataset
+            raise FileWriteError(root, err) from err
+        raise
     prog(sum(sizes.values()), "done", force=True)
     if progress:
         print(f"fastxmc.data.shapes: wrote {root} in {time.monotonic() - t0:.1f}s",
@@ -661,12 +760,49 @@ def write_shapes_dataset(root, cfg: ShapesConfig | None = None, progress: bool =
     return root
 
 
+def write_shapes_dataset(root, cfg: ShapesConfig | None = None, progress: bool = True,
+                         overwrite: bool = False) -> Path:
+    """Generate the dataset of ``cfg`` into ``root`` (see the module docstring for the layout).
+
+    Idempotent: if ``root`` already holds a complete dataset of the same config (and generator
+    version) whose files pass :func:`verify_dataset`, it returns at once. One whose files do not
+    (its meta.json names this config, so every file is derived data) is reported in one warning
+    line and generated again. Atomic: everything is written into a sibling temp directory that
+    replaces ``root`` at the end, so an interrupted or failed run (a full disk:
+    :class:`~fastxmc.atomic.FileWriteError`) never leaves something that looks complete and leaves
+    a previous dataset as it was; temp dirs left by dead processes are removed. A ``root`` that
+    holds anything else (an unreadable meta.json included) is an error unless ``overwrite``.
+    Concurrent calls (e.g. one per rank) are safe.
+    """
+    cfg = cfg or ShapesConfig()
+    root = Path(root)
+    meta = None
+    try:
+        meta = _load_meta(root)
+        if _is_dataset_of(meta, cfg):
+            verify_dataset(root, meta)
+            return root
+    except DamagedCacheError as err:
+        if meta is None and not overwrite:   # meta.json unreadable: maybe not a dataset fastxmc wrote
+            raise FileExistsError(f"{root} exists but its {err.path.name} is unreadable ({err.why}); "
+                                  f"pass overwrite=True or use another path") from None
+        warn_rebuilding(err, f"the shapes dataset {root}")
+        overwrite = True
+    if root.exists() and not overwrite and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{root} exists and does not hold a shapes dataset with this config "
+                              f"(hash {config_hash(cfg)[:16]}); pass overwrite=True or use another path")
+    return _generate(root, cfg, progress, replace=overwrite)
+
+
 def ensure_shapes_dataset(cfg: ShapesConfig | None = None, cache_dir=None,
                           progress: bool = True) -> Path:
-    """The root of the dataset of ``cfg`` under ``cache_dir/shapes/<hash16>``, generated if missing."""
+    """The root of the dataset of ``cfg`` under ``cache_dir/shapes/<hash16>``, generated if missing,
+    generated again if damaged. Whatever is at that path is fastxmc's cache of ``cfg``, so it is
+    replaced when it is not that dataset, intact."""
     cfg = cfg or ShapesConfig()
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return write_shapes_dataset(base / "shapes" / config_hash(cfg)[:16], cfg, progress=progress)
+    return write_shapes_dataset(base / "shapes" / config_hash(cfg)[:16], cfg, progress=progress,
+                                overwrite=True)
 
 
 def main(argv=None) -> int:
@@ -680,10 +816,14 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     cfg = ShapesConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ShapesConfig)})
-    if args.out:
-        root = write_shapes_dataset(args.out, cfg, overwrite=args.overwrite)
-    else:
-        root = ensure_shapes_dataset(cfg)
+    try:
+        if args.out:
+            root = write_shapes_dataset(args.out, cfg, overwrite=args.overwrite)
+        else:
+            root = ensure_shapes_dataset(cfg)
+    except (FileWriteError, FileExistsError) as err:    # one line: the path and what to do
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 1
     print(root)
     return 0
 

@@ -11,6 +11,8 @@ silently.
 
 Parsed COCO and Localized Narratives annotations (large JSON files) are cached under
 ``<cache_dir>/records``, keyed by the annotation files' paths, sizes and mtimes and the reader options.
+Both caches are JSON files written atomically; one that no longer parses or lacks the expected
+structure (truncated, garbled) is reported in one :class:`DataWarning` line and rebuilt.
 
 Sample index ``i`` of a split is ``records[i]`` after unreadable images are left out.
 """
@@ -19,17 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import sys
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fastxmc.atomic import atomic_write_text
 from fastxmc.data.config import SPLITS, DataConfig
-from fastxmc.data.folder import CAPTIONS_FILE, DatasetFormatError, Record, read_records
+from fastxmc.data.folder import (CAPTIONS_FILE, DamagedCacheError, DatasetFormatError, DataWarning, Record,
+                                 read_records, warn_rebuilding)
 
 __all__ = ["DataWarning", "UnreadableImageError", "SplitData", "read_split", "find_unreadable",
            "load_split", "image_problem"]
@@ -38,10 +40,6 @@ _RECORDS_VERSION = 1
 _IMAGECHECK_VERSION = 1
 _WARN_EACH = 20            # unreadable images warned about one by one; the rest in one summary
 _PARALLEL_CHECK_MIN = 512  # below this many images the check runs in-process
-
-
-class DataWarning(UserWarning):
-    """Something in a dataset was left out or changed (named in the message)."""
 
 
 class UnreadableImageError(DatasetFormatError):
@@ -162,14 +160,42 @@ def _file_stamp(path: Path) -> list:
         return [str(path.absolute()), None, None]
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def _write_json(path: Path, obj) -> None:
+    """Atomically; ASCII JSON (``ensure_ascii``), so the text is the same in any locale."""
+    atomic_write_text(json.dumps(obj, separators=(",", ":")), path)
+
+
+def _read_json_cache(path: Path, parse):
+    """``parse(json object)`` of the cache file ``path``, or None when there is none yet. A file
+    that does not parse, or whose structure ``parse`` rejects (any KeyError, TypeError, ValueError
+    or AttributeError), is reported with :func:`warn_rebuilding` and None is returned: the caller
+    rebuilds and overwrites it.
+
+    Parsing in full is the check: these files are read whole anyway, and a truncated or garbled
+    JSON file fails to parse or lacks its keys, so no separate digest is kept."""
     try:
-        tmp.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:     # ValueError: bytes that are not UTF-8
+        warn_rebuilding(DamagedCacheError(path, f"unreadable: {err}"), "it")
+        return None
+    try:
+        return parse(json.loads(text))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        why = f"unreadable JSON: {err}" if isinstance(err, json.JSONDecodeError) else \
+            f"unexpected content: {type(err).__name__}: {err}"
+        warn_rebuilding(DamagedCacheError(path, why), "it")
+        return None
+
+
+def _parse_records(obj) -> tuple[list[Record], list | None, list[str]]:
+    """(records, label names, warnings) of a parsed-annotation cache file."""
+    records = [Record(img, caps, labels, Path(p), extra) for img, caps, labels, p, extra in obj["records"]]
+    names, messages = obj["label_names"], obj["warnings"]
+    if not (names is None or isinstance(names, list)) or not all(isinstance(m, str) for m in messages):
+        raise TypeError("'label_names' or 'warnings' is not a list")
+    return records, names, messages
 
 
 def _cached_records(cfg: DataConfig, split: str, files, options: dict, build):
@@ -178,16 +204,12 @@ def _cached_records(cfg: DataConfig, split: str, files, options: dict, build):
                "files": [_file_stamp(Path(f)) for f in files]}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
     path = cfg.resolved_cache_dir() / "records" / f"{cfg.dataset}-{split}-{key}.json"
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cached = None
+    cached = _read_json_cache(path, _parse_records)
     if cached is not None:
-        for message in cached["warnings"]:
+        records, names, messages = cached
+        for message in messages:
             warnings.warn(message, DataWarning, stacklevel=3)
-        records = [Record(img, caps, labels, Path(p), extra)
-                   for img, caps, labels, p, extra in cached["records"]]
-        return records, cached["label_names"]
+        return records, names
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
         records, names = build()
@@ -195,7 +217,7 @@ def _cached_records(cfg: DataConfig, split: str, files, options: dict, build):
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     rows = [[r.image, r.captions, r.labels, str(r.path), r.extra] for r in records]
-    _write_json_atomic(path, {"label_names": names, "warnings": messages, "records": rows})
+    _write_json(path, {"label_names": names, "warnings": messages, "records": rows})
     return records, names
 
 
@@ -246,14 +268,12 @@ def find_unreadable(paths, *, cache_dir, workers: int = 1, progress: bool = True
     for p in paths:
         h.update(json.dumps(_file_stamp(Path(p))).encode())
     path = Path(cache_dir) / "imagecheck" / f"{h.hexdigest()[:32]}.json"
-    try:
-        bad = json.loads(path.read_text(encoding="utf-8"))["bad"]
-        return {int(i): reason for i, reason in bad.items()}, path
-    except (OSError, ValueError, KeyError):
-        pass
+    bad = _read_json_cache(path, lambda obj: {int(i): str(reason) for i, reason in obj["bad"].items()})
+    if bad is not None:
+        return bad, path
     problems = _check_paths(paths, workers, progress)
     bad = {i: reason for i, reason in enumerate(problems) if reason is not None}
-    _write_json_atomic(path, {"n": len(paths), "bad": {str(i): r for i, r in bad.items()},
+    _write_json(path, {"n": len(paths), "bad": {str(i): r for i, r in bad.items()},
                               "files": {str(i): paths[i] for i in bad}})
     return bad, path
 

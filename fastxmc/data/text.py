@@ -19,32 +19,50 @@ stored under ``<cache_dir>/text/<key>/`` as::
     words.npy        (N, T, E) float16   token outputs, zero past the mask
     mask.npy         (N, T) bool
     sentence.npy     (N, E) float32
-    meta.json        encoder, fingerprint, max_tokens, dim, counts (truncated captions)
+    meta.json        encoder, fingerprint, max_tokens, dim, counts (truncated captions), and the
+                     size and sha256 of each file above
 
 The arrays are opened memory-mapped. The key hashes the sorted strings, the encoder's fingerprint
-(its config, tokenizer files and weight file sizes, not its location) and ``max_tokens``. Writes go
-to a temp directory renamed into place, so concurrent builders (one per rank) are safe.
+(its config, tokenizer files and weight file sizes, not its location) and ``max_tokens``. The
+directory is written through :func:`fastxmc.atomic.atomic_target` (a temporary sibling renamed into
+place), so concurrent builders (one per rank) are safe, and a failed write (a full disk) raises
+:class:`~fastxmc.atomic.FileWriteError` and leaves no temporary behind.
+
+A cache that fails its check when opened (see :class:`CaptionCache`: a truncated, garbled or missing
+file, or content that differs from the recorded digest) is reported in one
+:class:`~fastxmc.data.folder.DataWarning` line naming the file and why, then rebuilt: the run goes on
+with the same embeddings a fresh cache holds.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fastxmc.atomic import FileWriteError, atomic_target
+from fastxmc.data.folder import (DamagedCacheError, file_sha256, move_aside, remove_abandoned_temporaries,
+                                 warn_rebuilding)
 
 __all__ = ["MINILM", "resolve_encoder_dir", "encoder_fingerprint", "EncodedCaptions", "FrozenTextEncoder",
            "CaptionCache", "caption_cache_key", "open_caption_cache"]
 
 MINILM = "minilm"
 CACHE_VERSION = 1
+# The cache's arrays: file name, dtype, and which of (count, max_tokens, dim) make its shape.
+_ARRAYS = (("words.npy", np.float16, ("count", "max_tokens", "dim")),
+           ("mask.npy", np.bool_, ("count", "max_tokens")),
+           ("sentence.npy", np.float32, ("count", "dim")))
+_STRINGS, _META = "strings.json", "meta.json"
+_NPY_MAGIC = b"\x93NUMPY"
+_DIGEST_DIFFERS = "its content differs from the sha256 recorded in meta.json"
 _FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                       "special_tokens_map.json", "merges.txt", "vocab.json", "sentencepiece.bpe.model",
                       "spiece.model")
@@ -176,16 +194,45 @@ class FrozenTextEncoder:
 
 
 class CaptionCache:
-    """A built caption cache, arrays memory-mapped (see the module docstring)."""
+    """A built caption cache, arrays memory-mapped (see the module docstring).
+
+    Opening checks every file's structure and raises :class:`~fastxmc.data.folder.DamagedCacheError`
+    naming the first bad one: ``meta.json`` and ``strings.json`` must parse (and ``strings.json``
+    match its recorded size and sha256: it is read whole anyway), and each array's header must give
+    the dtype and shape ``meta.json`` implies, its file exactly the header plus the data. That
+    catches truncation, garbage in place of a file and appended bytes, at the cost of a few
+    ``stat`` and header reads. :meth:`verify_contents` hashes the arrays too (see there).
+    """
 
     def __init__(self, directory):
         self.directory = Path(directory)
-        self.meta = json.loads((self.directory / "meta.json").read_text(encoding="utf-8"))
-        self.strings = json.loads((self.directory / "strings.json").read_text(encoding="utf-8"))
-        self.words = np.load(self.directory / "words.npy", mmap_mode="r")
-        self.mask = np.load(self.directory / "mask.npy", mmap_mode="r")
-        self.sentence = np.load(self.directory / "sentence.npy", mmap_mode="r")
+        self.meta = _read_meta(self.directory / _META)
+        self.strings = _read_strings(self.directory / _STRINGS, self.meta)
+        self.words, self.mask, self.sentence = (
+            _open_array(self.directory / name, dtype, tuple(self.meta[d] for d in dims))
+            for name, dtype, dims in _ARRAYS)
         self.row_of = {s: i for i, s in enumerate(self.strings)}
+
+    def verify_contents(self) -> None:
+        """Compare the arrays with the sha256 ``meta.json`` recorded when they were written (caches
+        written before digests were recorded have none to compare), or raise
+        :class:`~fastxmc.data.folder.DamagedCacheError`.
+
+        Done once per process and cache, and again when a file's inode, size or mtime changes: the
+        arrays are large (about 1.8 GB for the default shapes dataset's 90k distinct captions, 5 GB
+        and more for COCO; sha256 runs at about 1.7 GB/s on one core with SHA-NI), so hashing at
+        every open of every loader would add seconds to each for what the structure check mostly
+        finds already, while once per process costs about one read of pages that every epoch reads
+        anyway, and still catches what the structure check cannot: blocks zeroed or flipped in place.
+        """
+        signature = _signature(self.directory)
+        if signature in _VERIFIED:
+            return
+        recorded = self.meta.get("files") or {}
+        for name, _, _ in _ARRAYS:
+            if name in recorded and file_sha256(self.directory / name) != recorded[name]["sha256"]:
+                raise DamagedCacheError(self.directory / name, _DIGEST_DIFFERS)
+        _VERIFIED.add(signature)
 
     @property
     def max_tokens(self) -> int:
@@ -220,45 +267,153 @@ def caption_cache_key(unique_sorted: list[str], fingerprint: str, max_tokens: in
     return h.hexdigest()
 
 
-def _is_complete(directory: Path) -> bool:
-    return (directory / "meta.json").is_file()
+# ---------------------------------------------------------------------------------------------
+# Checking a cache on open
+
+
+# (directory, stat signature) of the caches whose arrays matched their digests in this process.
+_VERIFIED: set = set()
+
+
+def _signature(directory: Path) -> tuple:
+    """Identifies the arrays' current files: a rebuilt or rewritten file changes its entry."""
+    stats = [(directory / name).stat() for name, _, _ in _ARRAYS]
+    return (str(directory.absolute()),) + tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+
+def _read_bytes(path: Path, limit: int = -1) -> bytes:
+    """The file's bytes (the first ``limit`` ones when given), or DamagedCacheError."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except FileNotFoundError:
+        raise DamagedCacheError(path, "missing") from None
+    except OSError as err:
+        raise DamagedCacheError(path, f"unreadable: {err.strerror or err}") from None
+
+
+def _parse_json(path: Path, data: bytes):
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as err:        # not UTF-8, or not JSON (a truncated file)
+        raise DamagedCacheError(path, f"unreadable JSON: {err}") from None
+
+
+def _read_meta(path: Path) -> dict:
+    meta = _parse_json(path, _read_bytes(path))
+    keys = ("count", "max_tokens", "dim", "truncated")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in keys):
+        raise DamagedCacheError(path, f"one of {', '.join(keys)} is missing")
+    return meta
+
+
+def _read_strings(path: Path, meta: dict) -> list[str]:
+    data = _read_bytes(path)
+    recorded = (meta.get("files") or {}).get(_STRINGS)
+    if recorded is not None:
+        if len(data) != recorded["bytes"]:
+            raise DamagedCacheError(path, f"{len(data)} bytes, {recorded['bytes']} expected")
+        if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+            raise DamagedCacheError(path, _DIGEST_DIFFERS)
+    strings = _parse_json(path, data)
+    if not isinstance(strings, list) or len(strings) != meta["count"] or \
+            not all(isinstance(s, str) for s in strings):
+        raise DamagedCacheError(path, f"not a list of the {meta['count']} captions meta.json counts")
+    return strings
+
+
+def _open_array(path: Path, dtype, shape: tuple) -> np.memmap:
+    if _read_bytes(path, len(_NPY_MAGIC)) != _NPY_MAGIC:   # np.load would try it as a pickle
+        raise DamagedCacheError(path, "not a .npy file")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as err:   # a bad header, or shorter than it says
+        raise DamagedCacheError(path, f"unreadable array: {err}") from None
+    if array.dtype != dtype or array.shape != shape:
+        raise DamagedCacheError(path, f"holds {array.dtype} {array.shape}, meta.json implies "
+                                      f"{np.dtype(dtype)} {shape}")
+    size, expected = path.stat().st_size, array.offset + array.nbytes
+    if size != expected:
+        raise DamagedCacheError(path, f"{size} bytes, {expected} expected")
+    return array
+
+
+def _open_checked(directory: Path, strings: list[str]) -> CaptionCache:
+    """The cache in ``directory``, checked (:class:`CaptionCache`, :meth:`~CaptionCache.verify_contents`)
+    and holding exactly ``strings``, or :class:`~fastxmc.data.folder.DamagedCacheError`."""
+    cache = CaptionCache(directory)
+    if cache.strings != strings:     # the key hashes the strings: equal unless the file is damaged
+        raise DamagedCacheError(directory / _STRINGS, "its captions differ from those of the cache key")
+    cache.verify_contents()
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a cache
+
+
+def _new_array(path: Path, dtype, shape: tuple) -> np.memmap:
+    """A zero-filled ``.npy`` array of ``shape``, memory-mapped for writing, its disk blocks
+    allocated now: writing through a memory map into a sparse file on a full disk kills the
+    process with SIGBUS, while the allocation fails with ENOSPC, an error that can be reported."""
+    array = np.lib.format.open_memmap(path, "w+", dtype, shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    return array
+
+
+def _file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _write_cache(folder: Path, strings: list[str], encoder: "FrozenTextEncoder", max_tokens: int,
+                 dim: int, progress: bool) -> dict:
+    """Encode ``strings`` into the new directory ``folder``; returns its meta (written last)."""
+    t0 = time.monotonic()
+    folder.mkdir()
+    n = len(strings)
+    (folder / _STRINGS).write_bytes(json.dumps(strings, ensure_ascii=False).encode("utf-8"))
+    words = _new_array(folder / "words.npy", np.float16, (n, max_tokens, dim))
+    mask = _new_array(folder / "mask.npy", np.bool_, (n, max_tokens))
+    sentence = _new_array(folder / "sentence.npy", np.float32, (n, dim))
+    truncated = encoder.encode_into(strings, max_tokens, words, mask, sentence, progress)
+    for array in (words, mask, sentence):
+        array.flush()
+    del words, mask, sentence
+    files = {name: _file_record(folder / name) for name in (_STRINGS, *(a[0] for a in _ARRAYS))}
+    meta = {"version": CACHE_VERSION, "encoder": encoder.name, "model_dir": str(encoder.model_dir),
+            "fingerprint": encoder.fingerprint, "max_tokens": max_tokens, "dim": dim, "count": n,
+            "truncated": truncated, "seconds": round(time.monotonic() - t0, 2), "files": files}
+    (folder / _META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return meta
 
 
 def _build(directory: Path, strings: list[str], encoder: FrozenTextEncoder, max_tokens: int,
-           progress: bool) -> None:
-    """Encode ``strings`` into ``directory`` through a temp sibling renamed into place."""
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+           progress: bool, replace: bool) -> None:
+    """Encode ``strings`` into ``directory`` atomically; ``replace``: a damaged cache is there, moved
+    aside only once the new one is complete (a failed build leaves it as it was)."""
+    dim = encoder.dim
+    encoder._load()   # the model's files are read before the write: their errors are no write failure
     try:
-        t0 = time.monotonic()
-        n, dim = len(strings), encoder.dim
-        (tmp / "strings.json").write_text(json.dumps(strings, ensure_ascii=False), encoding="utf-8")
-        words = np.lib.format.open_memmap(tmp / "words.npy", "w+", np.float16, (n, max_tokens, dim))
-        mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.bool_, (n, max_tokens))
-        sentence = np.lib.format.open_memmap(tmp / "sentence.npy", "w+", np.float32, (n, dim))
-        truncated = encoder.encode_into(strings, max_tokens, words, mask, sentence, progress)
-        for arr in (words, mask, sentence):
-            arr.flush()
-        del words, mask, sentence
-        seconds = time.monotonic() - t0
-        meta = {"version": CACHE_VERSION, "encoder": encoder.name, "model_dir": str(encoder.model_dir),
-                "fingerprint": encoder.fingerprint, "max_tokens": max_tokens, "dim": dim, "count": n,
-                "truncated": truncated, "seconds": round(seconds, 2)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        try:
-            os.replace(tmp, directory)
-        except OSError:
-            if not _is_complete(directory):     # not another builder's finished copy
-                raise
-        if progress:
-            print(f"fastxmc.data.text: encoded {n} distinct captions with {encoder.name} in {seconds:.1f}s "
-                  f"-> {directory}", file=sys.stderr, flush=True)
-        if truncated:
-            print(f"fastxmc.data.text: {truncated} of {n} distinct captions were longer than {max_tokens} "
-                  f"tokens and were truncated", file=sys.stderr, flush=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_target(directory) as tmp:
+            meta = _write_cache(tmp, strings, encoder, max_tokens, dim, progress)
+            if replace:
+                move_aside(directory)
+    except FileWriteError as err:
+        # The rename fails when another builder (another rank) installed this cache first: the
+        # same key, the same content; its copy is checked when opened.
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (directory / _META).is_file():
+            raise
+        return
+    _VERIFIED.add(_signature(directory))    # just hashed while written
+    n, truncated, seconds = meta["count"], meta["truncated"], meta["seconds"]
+    if progress:
+        print(f"fastxmc.data.text: encoded {n} distinct captions with {encoder.name} in {seconds:.1f}s "
+              f"-> {directory}", file=sys.stderr, flush=True)
+    if truncated:
+        print(f"fastxmc.data.text: {truncated} of {n} distinct captions were longer than {max_tokens} "
+              f"tokens and were truncated", file=sys.stderr, flush=True)
 
 
 def open_caption_cache(strings, encoder, max_tokens: int, cache_dir, *,
@@ -266,6 +421,8 @@ def open_caption_cache(strings, encoder, max_tokens: int, cache_dir, *,
     """The cache of the distinct ``strings`` for ``encoder`` (a name or a :class:`FrozenTextEncoder`).
 
     Built on first use (loading the model), opened memory-mapped afterwards (without loading it).
+    A cache that fails its check is reported in one warning line and rebuilt; a failed write raises
+    :class:`~fastxmc.atomic.FileWriteError`.
     """
     if not isinstance(max_tokens, int) or max_tokens < 3:
         raise ValueError(f"max_tokens must be an int >= 3 (room for [CLS], a word and [SEP]), "
@@ -276,6 +433,11 @@ def open_caption_cache(strings, encoder, max_tokens: int, cache_dir, *,
         raise ValueError("no captions to encode")
     key = caption_cache_key(unique, enc.fingerprint, max_tokens)
     directory = Path(cache_dir) / "text" / key[:24]
-    if not _is_complete(directory):
-        _build(directory, unique, enc, max_tokens, progress)
-    return CaptionCache(directory)
+    if directory.exists():
+        try:
+            return _open_checked(directory, unique)
+        except DamagedCacheError as err:
+            warn_rebuilding(err, f"the caption cache {directory}")
+    remove_abandoned_temporaries(directory)
+    _build(directory, unique, enc, max_tokens, progress, replace=directory.exists())
+    return _open_checked(directory, unique)

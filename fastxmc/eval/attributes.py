@@ -30,7 +30,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastxmc.atomic import atomic_torch_save
+from fastxmc.atomic import atomic_torch_save, state_digest
+from fastxmc.data.folder import DamagedCacheError, warn_rebuilding
 from fastxmc.data.shapes import (COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig, config_hash,
                                  default_cache_dir, ensure_shapes_dataset, read_attributes)
 
@@ -287,16 +288,23 @@ def _dataset_root_and_hash(dataset, cache_dir) -> tuple:
 
 
 def _load_cached(path: Path, cfg: AttributeClassifierConfig):
-    """The cached model, or None when the file is unreadable or from another format / config
-    (it is then retrained and overwritten)."""
+    """The cached model, or None when the file is from another format / config, or damaged: it does
+    not load, or its content differs from the digest stored with it (reported in one warning
+    line). The classifier is then retrained and the file overwritten."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("format") != CACHE_FORMAT or \
                 payload.get("classifier_config") != dataclasses.asdict(cfg):
             return None
+        if "digest" in payload and state_digest(payload) != payload["digest"]:
+            why = "its content differs from the digest stored with it"
+            warn_rebuilding(DamagedCacheError(path, why), "it")
+            return None
         model = AttributeClassifier(payload["resolution"], cfg.width)
         model.load_state_dict(payload["state_dict"])
-    except Exception:  # noqa: BLE001 - a truncated or foreign file raises anything from the unpickler
+    except Exception as err:  # noqa: BLE001 - a truncated file raises anything from the unpickler
+        why = "does not load: " + (str(err).strip().splitlines() or [type(err).__name__])[0]
+        warn_rebuilding(DamagedCacheError(path, why), "it")
         return None
     model.eval()
     model.report = payload["report"]
@@ -321,10 +329,12 @@ def ensure_attribute_classifier(dataset, cfg: AttributeClassifierConfig | None =
         if model is not None:
             return model
     model, report = train_attribute_classifier(root, cfg, progress=progress)
-    atomic_torch_save({"format": CACHE_FORMAT, "dataset_config_hash": data_hash,
-                  "classifier_config": dataclasses.asdict(cfg), "resolution": model.resolution,
-                  "vocab": {k: list(v) for k, v in ATTRIBUTE_VALUES.items()},
-                  "state_dict": model.state_dict(), "report": report}, path)
+    payload = {"format": CACHE_FORMAT, "dataset_config_hash": data_hash,
+               "classifier_config": dataclasses.asdict(cfg), "resolution": model.resolution,
+               "vocab": {k: list(v) for k, v in ATTRIBUTE_VALUES.items()},
+               "state_dict": model.state_dict(), "report": report}
+    payload["digest"] = state_digest(payload)
+    atomic_torch_save(payload, path)
     model.report = report
     return model
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fastxmc.atomic import atomic_torch_save, atomic_write_text
+from fastxmc.atomic import atomic_torch_save, atomic_write_text, state_digest
+from fastxmc.data.folder import DamagedCacheError, warn_rebuilding
 from fastxmc.data.loader import build_loader
 from fastxmc.data.shapes import named_attributes, read_attributes
 from fastxmc.eval.attributes import AttributeAccuracy, ensure_attribute_classifier, is_single_object
@@ -182,19 +183,42 @@ def real_stats(loader, extractors: Extractors, keep: int, num_real: int, device,
     """{extractor name: FeatureStats} of the first ``num_real`` real validation images (0: all of
     them), cached."""
     path = real_stats_path(loader.cfg, extractors, keep, num_real)
-    if path.is_file():
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("format") == STATS_FORMAT:
-            return {name: FeatureStats.from_state_dict(s) for name, s in payload["stats"].items()}
+    cached = _load_real_stats(path)
+    if cached is not None:
+        return cached
     features = ImageFeatures(extractors, keep)
     total = min(num_real, loader.num_samples) if num_real else loader.num_samples  # each image once
     batches = caption_batches(loader, total)
     for batch in tqdm(batches, desc="real images", total=math.ceil(total / loader.batch_size),
                       disable=not progress):
         features.update(batch["image"].to(device))
-    atomic_torch_save({"format": STATS_FORMAT,
-                  "stats": {n: s.state_dict() for n, s in features.stats.items()}}, path)
+    payload = {"format": STATS_FORMAT, "stats": {n: s.state_dict() for n, s in features.stats.items()}}
+    payload["digest"] = state_digest(payload)
+    atomic_torch_save(payload, path)
     return features.stats
+
+
+def _load_real_stats(path: Path) -> dict | None:
+    """The statistics cached at ``path``; None when there are none yet or they are of another
+    format. A file that does not load, or whose content differs from the digest stored with it
+    (torch.load does not notice every damaged byte), is reported in one warning line and None is
+    returned, so the statistics are computed again and the file replaced."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") != STATS_FORMAT:
+            return None
+        intact = "digest" not in payload or state_digest(payload) == payload["digest"]
+        stats = {name: FeatureStats.from_state_dict(s) for name, s in payload["stats"].items()}
+    except Exception as err:  # noqa: BLE001 - a truncated file raises anything from the unpickler
+        why = "does not load: " + (str(err).strip().splitlines() or [type(err).__name__])[0]
+        warn_rebuilding(DamagedCacheError(path, why), "it")
+        return None
+    if not intact:
+        warn_rebuilding(DamagedCacheError(path, "its content differs from the digest stored with it"), "it")
+        return None
+    return stats
 
 
 # ---------------------------------------------------------------- generated samples

@@ -2,7 +2,6 @@
 on the same captions and noise) and loss curves. See :mod:`fastxmc.experiments.ablation`."""
 from __future__ import annotations
 
-import os
 import textwrap
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastxmc.atomic import atomic_write_text
+from fastxmc.atomic import atomic_write, atomic_write_text
 from fastxmc.experiments.ablation import (ATTRIBUTES, BASELINE, FIGURE_CAPTIONS, FULL, VARIANTS,
                                           AblationOptions, machine_description, run_dir, train_config)
 from fastxmc.train.logging import read_metrics
@@ -229,6 +228,6 @@ def loss_figure(opts: AblationOptions, path: Path) -> None:
 
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    """``fig`` as a PNG at ``path``, atomically; the format is given, since the temporary name's
+    suffix is not ``.png``."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
