@@ -1,12 +1,19 @@
-"""Build and install fastxmc. The native extension ``fastxmc/_C.so`` is built by CMake (CMakeLists.txt).
+"""Build fastxmc's native extension ``fastxmc/_C.so`` with CMake (CMakeLists.txt); the package
+metadata lives in pyproject.toml.
 
     python setup.py build_ext --inplace          # writes fastxmc/_C.so next to the sources
-    pip install -e . --no-build-isolation        # the same, installed in editable mode
+    pip install --no-build-isolation .           # installs the package with the extension
+    pip install -e . --no-build-isolation        # the same, editable
 
 ``_C.so`` is a plain shared library of TORCH_LIBRARY ops (loaded with ``torch.ops.load_library``), so
-the build needs the installed torch: use ``--no-build-isolation`` with pip.
+the build needs the installed torch: use ``--no-build-isolation`` with pip. The package works
+without it (reference, torch and Triton backends): when torch, CMake or a C++ compiler is missing
+at build time, the install goes on without ``_C.so`` after one warning (FASTXMC_BUILD_EXT=1 makes
+that an error instead).
 
 Environment variables:
+    FASTXMC_BUILD_EXT=auto|0|1  auto (default): build the extension, or skip it with a warning when
+                              torch, CMake or a compiler is missing; 0: never build it; 1: required.
     FASTXMC_CUDA=auto|0|1     auto (default): compile the CUDA kernels when nvcc is found and torch is a
                               CUDA build; 1: required (fail when impossible); 0: CPU kernels only.
     FASTXMC_CUDA_ARCH_LIST    compute capabilities, default "8.0;9.0+PTX" (TORCH_CUDA_ARCH_LIST syntax;
@@ -26,7 +33,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CompileError
 
@@ -203,8 +210,43 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def build_mode() -> str:
+    mode = os.environ.get("FASTXMC_BUILD_EXT", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise CompileError(f"fastxmc: FASTXMC_BUILD_EXT must be auto, 0 or 1, not {mode!r}")
+    return mode
+
+
+def missing_build_tool() -> str | None:
+    """Why the extension cannot be built here (None when torch, CMake and a compiler are found)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "torch is not importable at build time (with pip, pass --no-build-isolation)"
+    compiler = os.environ.get("CXX") or "c++"
+    if not shutil.which(compiler):
+        return f"no C++ compiler ({compiler}) on PATH"
+    try:
+        find_cmake()
+    except CompileError as err:
+        return str(err).removeprefix("fastxmc: ")
+    return None
+
+
 class CMakeBuild(build_ext):
     """Configures and builds CMakeLists.txt; the library lands where setuptools expects ``_C.so``."""
+
+    def run(self) -> None:
+        mode = build_mode()
+        why_not = "FASTXMC_BUILD_EXT=0" if mode == "0" else missing_build_tool()
+        if why_not is None:
+            return super().run()
+        if mode == "1":
+            raise CompileError(f"fastxmc: FASTXMC_BUILD_EXT=1 but the extension cannot be built: {why_not}")
+        # a library an earlier build left in build/lib would otherwise be packaged as if built now
+        (Path(self.build_lib) / "fastxmc" / "_C.so").unlink(missing_ok=True)
+        log(f"WARNING: installing without the native extension _C.so ({why_not}); the reference, "
+            "torch and Triton backends work, `python -m fastxmc.info` says what is missing")
 
     def get_ext_filename(self, fullname: str) -> str:
         if fullname == EXT_NAME:  # a plain shared library, not a CPython module: no ABI suffix
@@ -312,16 +354,5 @@ class CMakeBuild(build_ext):
                 "were picked: the [fastxmc] lines above") from None
 
 
-setup(
-    name="fastxmc",
-    version="0.1.0",
-    description="Fused contrastive-loss kernels (InfoNCE / SupCon) for PyTorch, and an XMC-GAN engine",
-    python_requires=">=3.10",
-    packages=find_packages(include=["fastxmc*"]),
-    install_requires=["torch>=2.4", "numpy>=1.24", "pillow>=9"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "pytest-timeout", "open-clip-torch",
-                                                        "pytorch-metric-learning"]},
-    ext_modules=[CMakeExtension(EXT_NAME)],
-    cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
-)
+# Name, version, dependencies, extras and console scripts: pyproject.toml.
+setup(ext_modules=[CMakeExtension(EXT_NAME)], cmdclass={"build_ext": CMakeBuild}, zip_safe=False)
