@@ -1,5 +1,6 @@
-"""``python -m fastxmc.eval --run DIR``: FID/KID (dual encoder or InceptionV3), IS, R-precision and,
-on the shapes dataset, attribute accuracy of a trained run; see :mod:`fastxmc.eval.run`."""
+"""``python -m fastxmc.eval --run DIR``: FID/KID (dual encoder or InceptionV3), IS, R-precision,
+precision / recall / density / coverage, the per-caption spread across noise and, on the shapes
+dataset, attribute accuracy of a trained run; see :mod:`fastxmc.eval.run`."""
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,19 @@ def parse_args(argv) -> EvalOptions:
     parser.add_argument("--probe-n", type=int, default=256,
                         help="shapes runs: single-object validation images of the D probe (default "
                              "256; 0: no probe)")
+    parser.add_argument("--spread-n", type=int, default=32,
+                        help="captions of the per-caption spread of G_ema across noise (default 32; "
+                             "0: no spread); costs spread-n x spread-z generated images and at most "
+                             "as many real ones")
+    parser.add_argument("--spread-z", type=int, default=16,
+                        help="noise vectors per caption of the spread, and real images per group "
+                             "(default 16)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     return EvalOptions(run_dir=args.run, dual=args.dual, inception=args.inception, num_samples=args.n,
                        num_real=args.n_real, batch_size=args.batch_size, seed=args.seed,
                        device=args.device, checkpoint=args.checkpoint, probe_samples=args.probe_n,
+                       spread_captions=args.spread_n, spread_z=args.spread_z,
                        progress=not args.quiet)
 
 

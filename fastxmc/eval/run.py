@@ -10,6 +10,16 @@ Written to ``DIR/eval/metrics.json`` and ``DIR/eval/report.md``:
 - ``fid_inception`` / ``kid_inception`` / ``inception_score``: with a local InceptionV3 weights file;
 - ``r_precision``: each generated image's global dual feature ranked against its caption and 99
   mismatched captions of other source images (AttnGAN / DM-GAN), mean and std over 10 folds;
+- ``prdc_dual`` / ``prdc_inception``: precision and recall (k = 3), density and coverage (k = 5)
+  (:func:`fastxmc.eval.diversity.prdc`) of the generated images' features against the real
+  images' (the rows kept for KID: the first ``num_samples`` of each set), with ``real_halves``,
+  the same metrics of the even against the odd real rows: what two real samples score at that size.
+  Present when both sets have more rows than the larger k;
+- ``spread`` (``spread_captions`` > 0): for ``spread_captions`` validation captions (the first
+  caption of images drawn at random, seeded), ``z_spread``, the mean per-caption spread of G_ema's
+  samples across ``spread_z`` noise vectors, and ``real_spread``, the same statistic over real
+  images of one label (or of one caption, on data without labels), in pixels and in every
+  extractor's feature space, with their ratio (:mod:`fastxmc.eval.diversity`);
 - ``attributes`` (shapes only): :class:`~fastxmc.eval.attributes.AttributeAccuracy` on the samples
   of single-object validation records, beside the classifier's real-val accuracy and chance;
 - ``d_probe`` (shapes only, ``probe_samples`` > 0): :mod:`fastxmc.eval.probe`, whether the run's D
@@ -27,15 +37,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from fastxmc.atomic import atomic_torch_save, atomic_write_text, state_digest
 from fastxmc.data.folder import DamagedCacheError, warn_rebuilding
-from fastxmc.data.loader import build_loader
+from fastxmc.data.loader import build_loader, load_image
 from fastxmc.data.shapes import named_attributes, read_attributes
 from fastxmc.eval.attributes import AttributeAccuracy, ensure_attribute_classifier, is_single_object
+from fastxmc.eval.diversity import (K_DENSITY, K_PRECISION, SpreadMeter, prdc, real_spread_groups,
+                                    z_spread)
 from fastxmc.eval.inception import load_inception
 from fastxmc.eval.metrics import (FeatureStats, fid_from_stats, inception_score,
                                   kernel_inception_distance, r_precision)
@@ -64,10 +78,15 @@ class EvalOptions:
     kid_subsets: int = 100
     kid_subset_size: int = 1000      # capped at the smaller sample count
     probe_samples: int = 256         # shapes: images of the D probe (0: no probe)
+    k_precision: int = K_PRECISION   # k of precision / recall
+    k_density: int = K_DENSITY       # k of density / coverage
+    spread_captions: int = 32        # captions of the per-caption spread (0: no spread)
+    spread_z: int = 16               # noise vectors per caption (and real images per group)
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("num_samples", "batch_size", "num_mismatched", "folds", "kid_subsets"):
+        for name in ("num_samples", "batch_size", "num_mismatched", "folds", "kid_subsets",
+                     "k_precision", "k_density"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -83,6 +102,12 @@ class EvalOptions:
                 or self.probe_samples < 0:
             raise ValueError(f"probe_samples must be an int >= 0 (0: no probe), got "
                              f"{self.probe_samples!r}")
+        if isinstance(self.spread_captions, bool) or not isinstance(self.spread_captions, int) \
+                or self.spread_captions < 0:
+            raise ValueError(f"spread_captions must be an int >= 0 (0: no spread), got "
+                             f"{self.spread_captions!r}")
+        if isinstance(self.spread_z, bool) or not isinstance(self.spread_z, int) or self.spread_z < 2:
+            raise ValueError(f"spread_z must be an int >= 2, got {self.spread_z!r}")
 
 
 # ---------------------------------------------------------------- extractors
@@ -133,6 +158,21 @@ class Extractors:
     def fingerprint(self) -> dict:
         return {name: file_digest(getattr(self, f"{name}_path")) for name in self.names()}
 
+    def feature_functions(self) -> dict:
+        """{name: images (B, 3, H, W) in [0, 1] -> (B, D) float features}: the FID feature of
+        each extractor (the dual encoder's pooled feature, Inception's pool3)."""
+        fns = {}
+        if self.dual is not None:
+            fns["dual"] = lambda images: dual_features(self.dual, images)
+        if self.inception is not None:
+            fns["inception"] = lambda images: self.inception(images).features
+        return fns
+
+
+def dual_features(dual: DualEncoder, images: torch.Tensor) -> torch.Tensor:
+    """(B, C) float: the dual encoder's pooled image feature, the ``fid_dual`` space."""
+    return dual.encode_image(dual.at_resolution(images)).pooled.float()
+
 
 def load_extractors(opts: EvalOptions, data_cfg, text_dim: int) -> Extractors:
     if opts.inception is not None:
@@ -163,8 +203,7 @@ class ImageFeatures:
     def update(self, images: torch.Tensor) -> None:
         ex = self.extractors
         if ex.dual is not None:
-            pooled = ex.dual.encode_image(ex.dual.at_resolution(images)).pooled
-            self.stats["dual"].update(pooled.float().cpu())
+            self.stats["dual"].update(dual_features(ex.dual, images).cpu())
         if ex.inception is not None:
             out = ex.inception(images)
             self.stats["inception"].update(out.features.cpu())
@@ -301,6 +340,59 @@ def distance_metrics(name: str, fake: FeatureStats, real: FeatureStats, opts: Ev
                             "subsets": opts.kid_subsets}}
 
 
+def manifold_metrics(name: str, fake: FeatureStats, real: FeatureStats, opts: EvalOptions) -> dict:
+    """``{"prdc_<name>": ...}``: :func:`~fastxmc.eval.diversity.prdc` of the kept rows, with
+    ``real_halves`` (even against odd real rows; left out when a half is too small); empty when a
+    set has too few rows for the k."""
+    x, y = real.kept(), fake.kept()
+    k_max = max(opts.k_precision, opts.k_density)
+    if x.shape[0] <= k_max or y.shape[0] <= opts.k_precision:
+        return {}
+    ks = {"k_pr": opts.k_precision, "k_dc": opts.k_density}
+    result = prdc(x, y, **ks)
+    if x.shape[0] // 2 > k_max:
+        halves = prdc(x[0::2], x[1::2], **ks)
+        result["real_halves"] = {key: halves[key] for key in
+                                 ("precision", "recall", "density", "coverage", "n_real", "n_fake")}
+    return {f"prdc_{name}": result}
+
+
+def load_real_images(loader, indices) -> torch.Tensor:
+    """(len(indices), 3, H, W) float32 in [0, 1] on the loader's device: validation images by
+    index, decoded, cropped and resized as the loader does, never flipped."""
+    records = loader.data.records
+    pixels = np.stack([load_image(records[i].path, records[i].extra.get("crop"), loader.cfg.resolution,
+                                  False) for i in indices])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
+    return images.contiguous().to(loader.device)
+
+
+@torch.no_grad()
+def spread_metric(run, loader, extractors: Extractors, opts: EvalOptions) -> dict:
+    """The per-caption spread of G_ema and of real images (see the module docstring and
+    :func:`~fastxmc.eval.diversity.real_spread_groups`): ``spread_captions`` * ``spread_z``
+    generated images and at most as many real ones."""
+    records = loader.data.records
+    count = min(opts.spread_captions, len(records))
+    picks = torch.randperm(len(records), generator=torch.Generator().manual_seed(opts.seed))[:count]
+    picks = picks.tolist()
+    sentence, words, mask = loader.encode_captions([records[p].captions[0] for p in picks])
+    features = extractors.feature_functions()
+    fake = z_spread(run.G_ema, SimpleNamespace(sentence=sentence, words=words, word_mask=mask),
+                    opts.spread_z, seed=opts.seed, batch_size=opts.batch_size, features=features)
+    grouping, groups = real_spread_groups(loader.primary_labels(), [r.captions for r in records],
+                                          picks, opts.spread_z, seed=opts.seed)
+    meter = SpreadMeter(features)
+    for members in groups:
+        if members is not None:
+            meter.update(load_real_images(loader, members.tolist()))
+    real = meter.compute()
+    groups_used = real.pop("groups")
+    ratio = {name: (fake[name] / real[name] if real[name] else None) for name in fake}
+    return {"grouping": grouping, "n_captions": count, "n_z": opts.spread_z,
+            "real_groups": groups_used, "z_spread": fake, "real_spread": real, "ratio": ratio}
+
+
 def r_precision_metric(inputs: tuple, opts: EvalOptions) -> dict:
     image_emb, text_emb, groups = (torch.cat(part) for part in inputs)
     result = r_precision(image_emb, text_emb, groups=groups, num_mismatched=opts.num_mismatched,
@@ -336,6 +428,7 @@ def evaluate(opts: EvalOptions) -> dict:
                "extractors": {n: str(getattr(extractors, f"{n}_path")) for n in extractors.names()}}
     for name in extractors.names():
         metrics.update(distance_metrics(name, fake.stats[name], real[name], opts))
+        metrics.update(manifold_metrics(name, fake.stats[name], real[name], opts))
     if extractors.inception is not None:
         mean, std = inception_score(torch.cat(fake.probabilities), splits=min(10, opts.num_samples))
         metrics["inception_score"] = {"mean": mean, "std": std, "splits": min(10, opts.num_samples)}
@@ -343,6 +436,8 @@ def evaluate(opts: EvalOptions) -> dict:
         metrics["r_precision"] = r_precision_metric(rp_inputs, opts)
     if attributes is not None and attributes.scored:
         metrics["attributes"] = attributes.meter.compute()
+    if opts.spread_captions:
+        metrics["spread"] = spread_metric(run, loader, extractors, opts)
     if data_cfg.dataset == "shapes" and opts.probe_samples:
         metrics["d_probe"] = discriminator_probe(opts, run, loader, extractors.dual)
     write_outputs(Path(opts.run_dir), metrics)
@@ -379,6 +474,7 @@ def report_lines(metrics: dict) -> list:
     for name in ("inception_score", "r_precision"):
         if name in metrics:
             lines.append(f"| {name} | {_number(metrics[name]['mean'])} ± {_number(metrics[name]['std'])} |")
+    lines += diversity_report_lines(metrics)
     if "attributes" in metrics:
         attrs = metrics["attributes"]
         lines += ["", f"Attribute accuracy on {attrs['n']} single-object captions (\"named\": only the "
@@ -395,6 +491,43 @@ def report_lines(metrics: dict) -> list:
         lines += probe_report_lines(metrics["d_probe"])
     extractors = ", ".join(f"{k}: `{v}`" for k, v in metrics["extractors"].items())
     lines += ["", f"Feature extractors: {extractors}.", ""]
+    return lines
+
+
+def diversity_report_lines(metrics: dict) -> list:
+    """The tables of ``prdc_<name>`` and ``spread`` (none when neither was measured)."""
+    lines = []
+    spaces = [name for name in ("dual", "inception") if f"prdc_{name}" in metrics]
+    if spaces:
+        first = metrics[f"prdc_{spaces[0]}"]
+        lines += ["", f"Precision / recall (k = {first['k_pr']}) and density / coverage (k = "
+                  f"{first['k_dc']}) of the generated images' features against the real ones. "
+                  "\"real halves\": the same metrics of one half of the real images against the "
+                  "other, what a generator of the data distribution would score at that size. "
+                  "Samples that ignore z have recall and coverage far below it.", "",
+                  "| features | precision | recall | density | coverage |", "|---|---|---|---|---|"]
+        for name in spaces:
+            row = metrics[f"prdc_{name}"]
+            rows = [(f"{name} ({row['n_fake']} vs {row['n_real']})", row)]
+            if "real_halves" in row:
+                halves = row["real_halves"]
+                rows.append((f"{name}, real halves ({halves['n_fake']} vs {halves['n_real']})", halves))
+            for label, values in rows:
+                cells = " | ".join(_number(values[key])
+                                   for key in ("precision", "recall", "density", "coverage"))
+                lines.append(f"| {label} | {cells} |")
+    if "spread" in metrics:
+        spread = metrics["spread"]
+        group = ("real images of one label" if spread["grouping"] == "label"
+                 else "real images that share the caption")
+        lines += ["", f"Per-caption spread (the mean per-element std): z_spread across "
+                  f"{spread['n_z']} noise vectors of G_ema's samples of {spread['n_captions']} "
+                  f"captions; real_spread across {group} ({spread['real_groups']} groups of at most "
+                  f"{spread['n_z']}). A ratio near 0: G ignores z.", "",
+                  "| space | z_spread | real_spread | ratio |", "|---|---|---|---|"]
+        for name, value in spread["z_spread"].items():
+            lines.append(f"| {name} | {_number(value)} | {_number(spread['real_spread'][name])} "
+                         f"| {_number(spread['ratio'][name])} |")
     return lines
 
 
