@@ -574,3 +574,17 @@ def test_whitening_is_fitted_to_the_training_captions_and_checkpointed(tmp_path,
     assert not torch.equal(want["matrix"], torch.eye(loader.text_dim))
     with pytest.raises(ValueError, match="needs the training captions"):
         loop.build_networks(cfg, loader.text_dim, torch.device("cpu"))
+
+
+def test_sample_time_reports_the_spread_across_z(tmp_path, capsys):
+    """Each sample grid comes with G_ema's per-caption pixel spread across noise vectors (in the
+    log and TensorBoard); the spread draws its own noise, so the losses stay those of a run
+    without sample grids."""
+    with_grids = loop.train(tiny(tmp_path / "grids", ("run.steps", "3"), ("run.sample_every", "1"),
+                                 ("run.quiet", "false")))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "spread across z" in line]
+    assert len(lines) == 3 and all(float(line.split("spread across z ")[1].split()[0]) > 0
+                                   for line in lines), lines
+    plain = loop.train(tiny(tmp_path / "plain", ("run.steps", "3")))
+    for a, b in zip(read_metrics(with_grids.run_dir), read_metrics(plain.run_dir)):
+        assert all(a[key] == b[key] for key in LOSS_KEYS), a["step"]

@@ -101,6 +101,11 @@ class RunLogger:
             for key, value in values.items():
                 self._writer.add_scalar(f"train/{key}", float(value), step)
 
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        """One TensorBoard scalar outside the per-step metrics record."""
+        if self.enabled and self._writer is not None:
+            self._writer.add_scalar(tag, float(value), step)
+
     def log_image(self, tag: str, image: np.ndarray, step: int) -> None:
         """An (H, W, 3) uint8 image to TensorBoard."""
         if self.enabled and self._writer is not None:

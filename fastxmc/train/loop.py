@@ -626,12 +626,24 @@ class StopSignal:
         self._previous = {}
 
 
+SPREAD_Z = 8  # noise vectors per sample caption for the logged spread (16 captions: 128 G rows)
+
+
 def write_samples(run: Run, samples: grids.SampleSet, logger: RunLogger, step: int) -> None:
+    """The sample grid of G_ema, and how much its samples of one caption vary with z (pixel std,
+    0 when G ignores its noise): a collapse shows in the log long before an evaluation."""
     if not run.env.is_main:
         return
     grid = grids.sample_grid(run.nets.G_ema, samples, run.cfg.run.sample_columns)
     grids.write_grid(grid, grids.grid_path(run.run_dir, step))
     logger.log_image("samples", grids.grid_array(grid), step)
+    from fastxmc.eval.diversity import z_spread  # the evaluation package loads on first use
+    with torch.no_grad():
+        spread = z_spread(run.nets.G_ema, samples, SPREAD_Z, seed=run.cfg.run.seed)["pixels"]
+    logger.log_scalar("samples/z_spread_pixels", spread, step)
+    if not run.cfg.run.quiet:
+        logger.message(f"step {step}: sample grid written; spread across z {spread:.4f} (pixel "
+                       f"std per caption, {SPREAD_Z} noise vectors; 0 means G ignores z)")
 
 
 def check_ranks_agree(run: Run) -> None:
