@@ -93,8 +93,10 @@ def is_write_failure(err: BaseException) -> bool:
     """OS errors, and torch's RuntimeErrors of a failed write (its zip writer wraps them)."""
     if isinstance(err, OSError):
         return True
+    # torch's zip writer on a path reports "[enforce fail at inline_container.cc:...] ... file
+    # write failed" with no errno
     return isinstance(err, RuntimeError) and (underlying_os_error(err) is not None
-                                              or "write" in str(err) or "inline_container" in str(err))
+                                              or "inline_container" in str(err))
 
 
 def temporary_path(path: Path) -> Path:
