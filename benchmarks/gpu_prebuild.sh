@@ -19,6 +19,8 @@
 #
 # Environment (defaults are the GPU machine's, as its image reports them):
 #   TORCH_VERSION  2.11.0      torch release of the GPU machine (the PyPI wheel is its CUDA 13.0 build)
+#   TORCHVISION_VERSION 0.26.0 its torchvision (only for rehearsing gpu_check.sh here: test modules
+#                              import it)
 #   PY_VERSION     3.12        its Python (the record carries the ABI; gpu_check.sh compares it)
 #   ARCH           9.0         compute capabilities to compile (H100 / H200: 9.0)
 #   CUDA_HOME      /usr/local/cuda-13.0, else /usr/local/cuda: an nvcc of torch's CUDA major
@@ -30,6 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=${TORCH_VERSION:-2.11.0}
+TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.26.0}
 PY_VERSION=${PY_VERSION:-3.12}
 ARCH=${ARCH:-9.0}
 MAX_JOBS=${MAX_JOBS:-2}
@@ -91,11 +94,13 @@ build_library() {
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   vpy=$venv/bin/python
   # torch with its CUDA wheels (the cuBLAS & co. headers that ATen's CUDA headers include come
-  # from them, see setup.py); the build tools; and pytest with the GPU machine's plugins, so that
-  # gpu_check.sh can be rehearsed here with PYTHON=$vpy.
+  # from them, see setup.py); the build tools; and what the GPU machine's image has for the tests
+  # (pytest with its plugins, torchvision, tqdm), so that gpu_check.sh can be rehearsed here with
+  # PYTHON=$vpy (its GPU stages then skip or fail fast).
   log "installing torch==$TORCH_VERSION and the build tools into $venv (first time: a few GB)"
   nice -n "$NICE" "$vpy" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" \
-    numpy pillow cmake ninja setuptools wheel pytest pytest-xdist pytest-timeout
+    "torchvision==$TORCHVISION_VERSION" numpy pillow tqdm cmake ninja setuptools wheel \
+    pytest pytest-xdist pytest-timeout
   local torch_version torch_cuda nvcc_release
   torch_version=$("$vpy" -c "import torch; print(torch.__version__)" 2>/dev/null)
   torch_cuda=$("$vpy" -c "import torch; print(torch.version.cuda)" 2>/dev/null)

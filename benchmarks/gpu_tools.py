@@ -306,7 +306,7 @@ def collected_count(text: str) -> Optional[int]:
 def format_counts(counts: dict, source: str, collected: Optional[int] = None) -> str:
     head = (f"{counts['tests']} tests: {counts['passed']} passed, {counts['failed']} failed, "
             f"{counts['error']} errors, {counts['skipped']} skipped (from {source})")
-    if collected is not None and collected != counts["tests"]:
+    if collected is not None and collected > counts["tests"]:
         head += f"; {collected} collected, {collected - counts['tests']} without a result"
     return "\n".join([head] + [f"  {o.upper()} {t}  {m}".rstrip() for t, o, m in counts["problems"]])
 
@@ -413,14 +413,20 @@ def _cmd_junit(args) -> int:
     xml, log = Path(args.xml), Path(args.log) if args.log else None
     text = log.read_text(errors="replace") if log is not None and log.is_file() else None
     collected = collected_count(text) if text is not None else None
+    from_xml = None
     if xml.is_file() and xml.stat().st_size:
         try:
-            print(format_counts(junit_counts(xml), xml.name, collected))
-            return 0
+            from_xml = junit_counts(xml)
         except ET.ParseError as err:
             print(f"{xml.name} unreadable ({err})")
-    if text is not None:
-        print(format_counts(log_counts(text), f"{log.name}, no XML", collected))
+    from_log = log_counts(text) if text is not None else None
+    # A run stopped while its workers still reported can leave fewer results in the XML than
+    # in the log: the fuller of the two counts.
+    if from_xml is not None and (from_log is None or from_xml["tests"] >= from_log["tests"]):
+        print(format_counts(from_xml, xml.name, collected))
+        return 0
+    if from_log is not None:
+        print(format_counts(from_log, f"{log.name}" + ("" if from_xml else ", no XML"), collected))
         return 0
     print(f"no test results ({xml.name} missing)")
     return 1
