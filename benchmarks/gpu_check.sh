@@ -278,7 +278,7 @@ fi
     echo "-- tests"
     $PYTHON -m benchmarks.gpu_tools junit "$OUT/tests.xml" --log "$OUT/tests.log" || true
     echo "-- infonce (bf16, D = 768, full)"
-    $PYTHON -m benchmarks.gpu_tools table "$OUT/infonce.csv" \
+    $PYTHON -m benchmarks.gpu_tools table "$OUT/infonce.csv" --bound infonce \
       --cols provider,n,mode,median_ms,ratio_to_4mm,speedup_vs_materialized,peak_extra_mb,status,note || true
     echo "-- train step (coco128, width 96, batch 8)"
     $PYTHON -m benchmarks.gpu_tools table "$OUT/train_step.csv" --where metric=step \

@@ -322,6 +322,22 @@ def last_run_rows(path: Path) -> list:
     return [r for r in rows if r["run_id"] == last]
 
 
+def bound_percent(op: str, row: dict) -> str:
+    """The share of the paper bound (benchmarks/roofline.py) that a measured results row reaches,
+    as text ("" where the row has no time or its shape is not modelled)."""
+    from benchmarks import roofline
+
+    try:
+        seconds = float(row["median_ms"]) / 1e3
+        shape = {k: int(row[k]) for k in ("n", "m", "d")} if op == "infonce" else None
+        if shape is None:
+            return ""
+        kernel = f"{op}_{row['mode']}"
+        return f"{roofline.percent_of_bound(kernel, shape, row['dtype'], seconds):.1f}"
+    except (KeyError, ValueError, TypeError):
+        return ""
+
+
 def format_table(rows: list, cols: list) -> str:
     if not rows:
         return "(no rows)"
@@ -441,7 +457,12 @@ def _cmd_table(args) -> int:
     for where in args.where or []:
         key, _, value = where.partition("=")
         rows = [r for r in rows if r.get(key) == value]
-    print(format_table(rows, args.cols))
+    cols = list(args.cols)
+    if args.bound:
+        rows = [{**r, "pct_of_bound": bound_percent(args.bound, r)} for r in rows]
+        cols.insert(cols.index("median_ms") + 1 if "median_ms" in cols else len(cols),
+                    "pct_of_bound")
+    print(format_table(rows, cols))
     return 0
 
 
@@ -467,6 +488,8 @@ def parse_args(argv: Optional[Iterable[str]] = None):
     t.add_argument("csv")
     t.add_argument("--cols", type=lambda s: [c for c in s.split(",") if c], required=True)
     t.add_argument("--where", action="append", help="COLUMN=VALUE filter (repeatable)")
+    t.add_argument("--bound", choices=["infonce"], default=None,
+                   help="add pct_of_bound: the measured time against benchmarks/roofline.py")
     return p.parse_args(argv)
 
 

@@ -256,3 +256,17 @@ def test_junit_command_prefers_the_fuller_record(tmp_path, capsys):
     assert "(from tests.log, no XML)" in capsys.readouterr().out
     log.unlink()
     assert gpu_tools.main(["junit", str(xml), "--log", str(log)]) == 1
+
+
+def test_table_adds_the_share_of_the_bound(tmp_path, capsys):
+    path = tmp_path / "infonce.csv"
+    # 64k x 64k x 768 bf16 full mode: bound 33.40 ms (tests/test_roofline.py), so 66.81 ms is 50%
+    path.write_text("run_id,provider,n,m,d,dtype,mode,median_ms,status\n"
+                    "1,fastxmc-triton,65536,65536,768,bf16,full,66.8058,ok\n"
+                    "1,materialized,65536,65536,768,bf16,full,,skipped\n")
+    assert gpu_tools.main(["table", str(path), "--bound", "infonce",
+                           "--cols", "provider,median_ms,status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["provider", "median_ms", "pct_of_bound", "status"]
+    assert lines[1].split() == ["fastxmc-triton", "66.81", "50", "ok"]
+    assert lines[2].split() == ["materialized", "skipped"]
