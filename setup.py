@@ -20,6 +20,9 @@ Environment variables:
                               +PTX lets newer GPUs JIT the kernels).
     CUDA_HOME / CUDA_PATH     the CUDA toolkit; else /usr/local/cuda; else the nvcc on PATH.
     MAX_JOBS                  parallel compile jobs (default 2).
+    FASTXMC_BUILD_DIR         CMake's build directory (default build/cmake-cuda or build/cmake-cpu):
+                              a build against another torch keeps its own, so that neither
+                              invalidates the other's incremental build.
     FASTXMC_CMAKE             the cmake executable (default: pip's cmake, then cmake on PATH; >= 3.25).
 """
 from __future__ import annotations
@@ -265,7 +268,8 @@ class CMakeBuild(build_ext):
             f"CUDA kernels: {'yes' if with_cuda else 'no'} ({reason})")
         # A fixed place in the source tree (not setuptools' build_temp, a fresh temporary directory
         # under `pip install -e`), so that pip and build_ext --inplace share one incremental build.
-        build_dir = ROOT / "build" / ("cmake-cuda" if with_cuda else "cmake-cpu")
+        build_dir = (Path(os.environ["FASTXMC_BUILD_DIR"]).resolve() if os.environ.get("FASTXMC_BUILD_DIR")
+                     else ROOT / "build" / ("cmake-cuda" if with_cuda else "cmake-cpu"))
         cmake = find_cmake()
         args = self._cmake_args(torch, build_dir, with_cuda, cuda_root)
         self._reset_cache_if_changed(build_dir, [cmake, *args])
