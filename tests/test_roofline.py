@@ -132,3 +132,14 @@ def test_every_benchmark_shape_has_a_bound():
         for mode in roofline.MODES:
             assert bound(f"{op}_{mode}", shape, "bf16").seconds > 0
     assert "infonce_full" in roofline.table(("bf16",))
+
+
+def test_bench_infonce_prints_the_percent_of_the_bound_for_gpu_rows_only():
+    from benchmarks import bench_infonce
+    row = dict(status="ok", device="cuda:0", median_ms=66.8, n=65536, m=65536, d=768,
+               dtype="bf16", mode="full")
+    want = roofline.percent_of_bound("infonce_full", {"n": 65536, "m": 65536, "d": 768}, "bf16",
+                                     0.0668)
+    assert bench_infonce.percent_of_h100_bound("infonce", row) == pytest.approx(want)
+    assert bench_infonce.percent_of_h100_bound("infonce", {**row, "device": "cpu"}) is None
+    assert bench_infonce.percent_of_h100_bound("infonce", {**row, "status": "failed"}) is None
