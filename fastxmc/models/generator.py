@@ -1,4 +1,4 @@
-"""XMC-GAN generator (xmcgan.md section 3, checked against the authors' ``xmc_net.Generator``).
+"""XMC-GAN generator (docs/design.md, "Generator", checked against the authors' ``xmc_net.Generator``).
 
     gc    = concat(Linear(text_dim -> z_dim)(sentence), z)                 (B, 2 z_dim) global condition
     x     = Linear(z_dim -> 16w * 4 * 4)(z) -> (B, 16w, 4, 4)               the stem sees z only
