@@ -196,7 +196,7 @@ def preset_shapes() -> TrainConfig:
     machine: 1.0 s per step on one thread (one D step), the same images/s as 64px at batch 8 (at width 16
     every stage of these networks costs about the same, so 64px only adds a stage).
 
-    Why the rest differs from the paper's recipe at this scale (see the README): with its 2 D steps per
+    Why the rest differs from the paper's recipe at this scale (see docs/results.md): with its 2 D steps per
     G step and D's 4x larger rate, D separates real from fake beyond the hinge margin within ~150
     steps (d_hinge ~ 0). D's realness function then stops learning, G climbs D's frozen, unbounded
     logit and its mean brightness runs to white (tanh saturation holds it there). One D step and
