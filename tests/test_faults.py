@@ -1,7 +1,7 @@
 """Fault paths of a training run: crashes, damaged checkpoints, full disks, a lost rank.
 
 Each fault is real or injected at a chosen moment (tests/fault_injection.py), on the tiny preset;
-what must hold afterwards is what the README's reliability section promises: ``--resume`` gives
+what must hold afterwards is what docs/reliability.md promises: ``--resume`` gives
 the losses of an uninterrupted run, a damaged checkpoint is set aside and the one before it used,
 a failed write leaves no temporary file and the previous files intact and ends the run with one
 line naming the path, the cause and the last good checkpoint.

@@ -1,4 +1,4 @@
-"""The install paths of the README, each into a fresh virtual environment, then used from outside
+"""The install paths of docs/install.md, each into a fresh virtual environment, then used from outside
 the source tree (so nothing is imported from the checkout by accident).
 
 The new environments see this environment's packages (torch, DALI, ...) through a ``.pth`` file,

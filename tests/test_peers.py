@@ -64,3 +64,21 @@ def test_label_guided_info_nce_is_cross_modal_supcon(backend):
     want = SupConLoss(temperature=0.2)(a, la, ref_emb=b, ref_labels=lb)
     got = info_nce(a, b, 0.2, labels=la, labels_b=lb, symmetric=False, impl=backend)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_supcon_single_label_batch_differs_from_pytorch_metric_learning(backend):
+    # A documented convention difference (docs/losses.md): when every sample shares one label there
+    # are positives but no negatives. PML counts such a batch as having no valid pairs and returns 0
+    # (its own test_with_no_valid_pairs case: 2-D points at 0, 10 and 20 degrees, labels 0, 0, 0,
+    # temperature 0.1); fastxmc's supcon keeps every anchor with a positive and gives 0.710.
+    import math
+
+    from pytorch_metric_learning.losses import SupConLoss
+
+    angles = (0.0, 10.0, 20.0)
+    x = torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in angles])
+    labels = torch.zeros(3, dtype=torch.long)
+    assert SupConLoss(temperature=0.1)(x, labels).item() == 0.0
+    got = supcon(x, labels, 0.1, impl=backend)
+    torch.testing.assert_close(got, torch.tensor(0.70997), rtol=0, atol=5e-5)

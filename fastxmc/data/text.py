@@ -1,6 +1,6 @@
 """Frozen text encoders and the caption embedding cache.
 
-Encoding (the reference code's BERT features, xmcgan.md section 2): a caption is tokenized with the
+Encoding (the reference code's BERT features, docs/design.md, "Text encoder"): a caption is tokenized with the
 model's own tokenizer, special tokens included (``[CLS] ... [SEP]`` for BERT-style models) and
 truncated to ``max_tokens``. ``words`` are the last-layer outputs of every real token, padding
 positions are zero; ``mask`` is True for real tokens; ``sentence`` is the mean of the valid token

@@ -47,7 +47,7 @@ VARIANTS = {
 }
 BASELINE, FULL = "none", "full"
 # Applied to every variant before --set: the paper's table varies the contrastive terms alone, and
-# the shapes preset's auxiliary class head (session 14) is label supervision outside it, so every
+# the shapes preset's auxiliary class head is label supervision outside it, so every
 # variant leaves it out (--set loss.class_weight=10 puts it back in all of them).
 COMMON_OVERRIDES = {"loss.class_weight": "0"}
 ATTRIBUTES = ("shape", "color", "size", "position")

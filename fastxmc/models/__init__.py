@@ -1,6 +1,6 @@
 """XMC-GAN networks: :class:`Generator`, :class:`Discriminator` and their building blocks.
 
-See xmcgan.md sections 3-4; parameter counts at 128px, width 96, z 128, text_dim 768 match the
+See docs/design.md, "Generator" and "Discriminator"; parameter counts at 128px, width 96, z 128, text_dim 768 match the
 authors' reference code exactly (G 78,507,779, D 87,911,713).
 """
 from torch import nn

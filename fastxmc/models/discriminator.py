@@ -1,4 +1,4 @@
-"""XMC-GAN discriminator (xmcgan.md section 4, checked against the authors' ``xmc_net.Discriminator``).
+"""XMC-GAN discriminator (docs/design.md, "Discriminator", checked against the authors' ``xmc_net.Discriminator``).
 
     h      = optimized block, then pre-activation down-blocks                images in [0, 1], as given
     p      = sum over H, W of ReLU(h)                                       (B, 16w) global feature

@@ -1,6 +1,6 @@
 """The dual encoder: an image tower and a text tower embedding into one space.
 
-It is the first phase of the two-phase recipe (xmcgan.md section 7: DAMSM-style sentence and
+It is the first phase of the two-phase recipe (docs/design.md, "Label-guided extension": DAMSM-style sentence and
 word losses, plus the label-guided SupCon terms, trained by ``python -m fastxmc.pretrain``) and
 the evaluator's instrument (R-precision, and ``fid_dual`` when no Inception weights are given).
 

@@ -1,4 +1,4 @@
-"""XMC-GAN generator (xmcgan.md section 3, checked against the authors' ``xmc_net.Generator``).
+"""XMC-GAN generator (docs/design.md, "Generator", checked against the authors' ``xmc_net.Generator``).
 
     gc    = concat(Linear(text_dim -> z_dim)(sentence), z)                 (B, 2 z_dim) global condition
     x     = Linear(z_dim -> 16w * 4 * 4)(z) -> (B, 16w, 4, 4)               the stem sees z only
@@ -19,7 +19,7 @@ Why ``text_stem``: in the reference the sentence reaches the first two blocks on
 (spatially uniform) BN gains, and the per-pixel modulation only from 16x16 on, with queries computed
 from the z-only layout. A caption that names a position ("at the top left") then has to be served by
 amplifying channels that happen to sit there. On the shapes data G learned colours and sizes but left
-positions at chance while D told them apart on real images (README, "The shapes preset"); letting
+positions at chance while D told them apart on real images (docs/results.md, "The game and the layout"); letting
 the stem read the sentence gives the 4x4 layout a direct input. Off by default (the paper's G).
 
 No spectral norm; Glorot-normal weights, zero biases. BN running statistics are used in eval mode.

@@ -1,5 +1,5 @@
 """Dual-encoder pretraining: ``python -m fastxmc.pretrain`` (the first phase of the two-phase
-recipe, xmcgan.md section 7, and the evaluator's encoder).
+recipe, docs/design.md, "Label-guided extension", and the evaluator's encoder).
 
 - :mod:`fastxmc.pretrain.config`: sections, presets and overrides (train's machinery).
 - :mod:`fastxmc.pretrain.loop`: the loop (:func:`pretrain`), writing ``DIR/dual_encoder.pt``.

@@ -40,7 +40,7 @@ class PretrainOptimConfig:
 
 @dataclass
 class PretrainLossConfig:
-    """DAMSM-style terms (xmcgan.md section 7); a weight of 0 switches a term off."""
+    """DAMSM-style terms (docs/design.md, "Label-guided extension"); a weight of 0 switches a term off."""
     temperature: float = 0.1            # C(global image feature, sentence) = 2 * info_nce
     sentence_weight: float = 1.0
     word_weight: float = 1.0            # region_word_loss(regions, words)

@@ -1,4 +1,4 @@
-"""The dual-encoder pretraining loop of ``python -m fastxmc.pretrain`` (xmcgan.md section 7).
+"""The dual-encoder pretraining loop of ``python -m fastxmc.pretrain`` (docs/design.md, "Label-guided extension").
 
 One step: a batch of (image, caption) pairs; ONE forward of the dual encoder (the image tower on the
 B images, the text tower on the B captions, or on the 2B captions of both branches with

@@ -14,8 +14,8 @@ position target is -1 (left out), so G is never asked to guess a position from a
 not give one.
 
 Why position: a head trained on the shape alone learns features that ignore where the object is,
-and in the session-13 runs G then drew every object in one corner. A head that must also say where
-keeps D's features, and so G's gradient, aware of the layout.
+and in the shape-only runs of docs/results.md G then drew every object in one corner. A head that
+must also say where keeps D's features, and so G's gradient, aware of the layout.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ _NONE = ("none", "null")
 
 @dataclass
 class ModelConfig:
-    """Networks (xmcgan.md sections 3-4); resolution comes from ``data.resolution`` and the text
+    """Networks (docs/design.md, "Generator" and "Discriminator"); resolution comes from ``data.resolution`` and the text
     width from the loader."""
     z_dim: int = 128
     g_width: int = 96                   # gf: G's base channel width
@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam for both networks (xmcgan.md section 6)."""
+    """Adam for both networks (docs/design.md, "Training recipe")."""
     impl: Literal["torch", "apex"] = "torch"  # torch: Adam(fused=True); apex: apex FusedAdam (CUDA)
     g_lr: float = 1e-4
     d_lr: float = 4e-4
@@ -196,7 +196,7 @@ def preset_shapes() -> TrainConfig:
     machine: 1.0 s per step on one thread (one D step), the same images/s as 64px at batch 8 (at width 16
     every stage of these networks costs about the same, so 64px only adds a stage).
 
-    Why the rest differs from the paper's recipe at this scale (see the README): with its 2 D steps per
+    Why the rest differs from the paper's recipe at this scale (see docs/results.md): with its 2 D steps per
     G step and D's 4x larger rate, D separates real from fake beyond the hinge margin within ~150
     steps (d_hinge ~ 0). D's realness function then stops learning, G climbs D's frozen, unbounded
     logit and its mean brightness runs to white (tanh saturation holds it there). One D step and
@@ -213,7 +213,7 @@ def preset_shapes() -> TrainConfig:
     0.995 with TF's warm-up and standing BN statistics (8 batches), since the live G's copied
     statistics don't fit G_ema in short runs.
 
-    Shapes (session 14): the contrastive terms never made D read shapes (sessions 8-13). D gets an
+    Shapes: the contrastive terms alone never made D read shapes (docs/results.md). D gets an
     auxiliary class head that predicts the primary object's shape and position
     (loss.class_target=shape+position; a fake's position only where its caption names one),
     weighted 10 in D's loss and 1 in G's, reads its input enlarged 2x

@@ -11,7 +11,7 @@ wording. The candidates differ only in ``a``, so the term asks for exactly that 
 else the batch holds. Why: the batch-contrastive terms (D's and the DAMSM-style ``loss.dual_weight``)
 only ask for an attribute when it tells the batch's captions apart, and in a random batch of 16 the
 colour and position almost always do; on the shapes data G then drew every shape as the same blob
-even against an encoder that tells shapes apart (README). Batches of pairs that differ only in shape
+even against an encoder that tells shapes apart (docs/results.md). Batches of pairs that differ only in shape
 (``data.group_by=color+size+position``) did raise G's shapes, but lost the position pairs; these
 negatives need no batch structure, so the preset's pairs stay.
 

@@ -1,4 +1,4 @@
-"""The training loop of ``python -m fastxmc.train`` (XMC-GAN, xmcgan.md sections 5-6).
+"""The training loop of ``python -m fastxmc.train`` (XMC-GAN, docs/design.md, "Losses" and "Training recipe").
 
 One training step is one G step, as in the reference code's ``train_step``:
 

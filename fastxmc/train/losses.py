@@ -1,6 +1,6 @@
 """XMC-GAN's loss set, wired to D's outputs, plus the label-guided SupCon extension.
 
-Conventions (xmcgan.md sections 5 and 7):
+Conventions (docs/design.md, "Losses" and "Label-guided extension"):
 
 * ``C(A, B)`` is XMC-GAN's contrastive loss: L2-normalised rows, logits ``A B^T / 0.1``, cross-entropy
   with the diagonal as targets in the row **and** the column direction, **summed** (each direction
@@ -58,7 +58,7 @@ from fastxmc.train.class_targets import attribute_blocks
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # "dual": the image tower of a dual encoder pretrained by ``python -m fastxmc.pretrain`` on the same
-# data, the image-text representation of the two-phase recipe (xmcgan.md section 7); for data where
+# data, the image-text representation of the two-phase recipe (docs/design.md, "Label-guided extension"); for data where
 # no ImageNet weights can be had, or where an ImageNet classifier's features say little (shapes).
 CLASSIFIER_ARCHS = ("resnet50", "vgg19", "dual")
 # D's terms that need no fakes (XMCLossSet.real_image_terms), in their logging order.

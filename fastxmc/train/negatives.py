@@ -3,7 +3,7 @@
 XMC-GAN's sentence term ``C(p, e)`` asks D (on real images) and G (on fakes) to rank each image's
 caption above the batch's other captions. An attribute matters to it only when it tells the batch's
 captions apart: in a batch of 16 shapes captions, colour, position and size nearly always do, so D
-never learns to read the shape, and G never has to draw it (see the README's shapes runs). The
+never learns to read the shape, and G never has to draw it (see the shapes runs of docs/results.md). The
 contrastive terms of pretrained dual encoders learn shapes only at batch 512.
 
 Here every step also draws ``K`` captions of *other* images of the split from the text cache. Their
