@@ -26,10 +26,11 @@ import sys
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from conftest import assert_gradients_close
 
 from fastxmc.data.loader import build_loader
 from fastxmc.losses import info_nce, region_word_loss
@@ -92,29 +93,6 @@ class Replay:
 
 
 # ---------------------------------------------------------------- gradients of one DDP step
-def assert_gradients_close(got: dict, want: dict, label: str) -> None:
-    """fp32 gradients of the same loss summed in two orders.
-
-    A gradient entry is a long sum (over the batch, and over the 32 x 32 positions for a
-    convolution's weights) of products, each rounded, pushed back through every layer above it; a
-    reordered sum differs from another by about u * sqrt(n) * (the sum of its terms' magnitudes),
-    u = 2^-24, n up to 16 x 32 x 32, and every layer multiplies in its own. That is ~1e-5 of the
-    terms' scale, and 1e-4 leaves a factor 10 for the depth of the network. The terms' scale is
-    not the entry's own value: entries near zero are sums of cancelling terms whose error scales
-    with the terms, so the absolute part of the tolerance is 1e-4 of the tensor's largest
-    gradient, which stands for the scale of the terms (the entries of one tensor are sums of
-    like terms). A real DDP bug changes gradients by O(1) of that
-    scale: summed instead of averaged (x2), one shard missing or a rank's word term on the wrong
-    rows (the word gradient of one shard, ~50%), negatives from one rank only (the sentence
-    gradient of another loss).
-    """
-    assert got.keys() == want.keys(), label
-    for name, w in want.items():
-        scale = float(np.abs(w).max())
-        torch.testing.assert_close(torch.from_numpy(got[name]), torch.from_numpy(w), rtol=1e-4,
-                                   atol=1e-4 * scale, msg=lambda m: f"{label} {name}: {m}")
-
-
 def _one_step_worker(rank: int, port: int, cache_dir: str, out: str, queue) -> None:
     """One step of ``loop.pretrain`` as rank ``rank`` of a 2-process group; sends its loss terms
     and the parameter gradients of that step (numpy arrays: a tensor would travel as a
@@ -169,14 +147,19 @@ def one_ddp_step(tmp_path_factory):
 
 def test_one_ddp_step_has_the_single_process_gradient(one_ddp_step, tmp_path):
     """Step 1 of the real loop (seed, build_run, DDP wrap, forward_terms, update) on 2 gloo ranks:
-    every rank's averaged gradient is that of ``sentence(global) + mean word(shard)``."""
+    every rank's averaged gradient is that of ``sentence(global) + mean word(shard)``, within the
+    rounding of sums taken in another order (see assert_gradients_close: the image tower's weight
+    gradients sum over 16 x 32 x 32 terms; no parameter of the dual encoder feeds a normalisation
+    through a bias). A real DDP bug moves them by O(1) of their scale: gradients summed instead of
+    averaged (x2), a shard missing or on the wrong rank (one shard's word gradient), negatives
+    from one rank only (the sentence gradient of another loss)."""
     replay = Replay(tiny(tmp_path / "replay"), tmp_path / "replay")
     sentence, words = replay.step()
     want = {n: p.grad.detach().numpy().copy() for n, p in replay.run.encoder.named_parameters()}
     for rank, (terms, grads) in one_ddp_step.items():
         assert terms["sentence"] == pytest.approx(sentence, rel=1e-5), rank  # the global batch
         assert terms["word"] == pytest.approx(words[rank], rel=1e-5), rank   # its own shard
-        assert_gradients_close(grads, want, f"rank {rank}")
+        assert_gradients_close(grads, want, msg=f"rank {rank}")
 
 
 # ---------------------------------------------------------------- the torchrun run
