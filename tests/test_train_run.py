@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import full_and_resumed_runs
+from conftest import assert_gradients_close, full_and_resumed_runs
 
 from fastxmc.train import checkpoint as ckpt
 from fastxmc.train import loop
@@ -327,8 +327,11 @@ def test_channels_last_networks_train_like_contiguous_ones(tmp_path, cache):
     torch.testing.assert_close(fw_last.loss_g, fw_plain.loss_g, rtol=1e-5, atol=1e-5)
     for fmt, run in runs.items():
         loop.joint_update(run, forwards[fmt], 1)
-    for a, b in zip(last.d.parameters(), plain.d.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5)
+    # Other oneDNN kernels sum the same terms in another order (see assert_gradients_close; D's
+    # weight gradients sum over batch x positions). D has no normalisation layer, so none of its
+    # gradients is zero by construction.
+    assert_gradients_close({n: p.grad for n, p in last.d.named_parameters()},
+                           {n: p.grad for n, p in plain.d.named_parameters()})
     assert all(last.opt_G.state[w]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
                for w in _spatial_weights(last.g))  # G has no spectral norm: weights are parameters
 
