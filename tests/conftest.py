@@ -53,6 +53,34 @@ def one_thread_data_cache(tmp_path_factory, monkeypatch):
     torch.set_num_threads(threads)
 
 
+def assert_gradients_close(got, want, rtol: float = 1e-4, msg: str = "", zero=()) -> None:
+    """Gradients of one loss summed in two orders (DDP vs one process, another memory layout,
+    compiled vs eager), tensor by tensor: ``got`` and ``want`` map names to tensors or arrays.
+
+    Reordering a sum of n rounded terms moves it by about u * sqrt(n) times the terms' magnitude
+    (u = 2^-24), not by a fraction of the sum: an entry near zero is a sum of cancelling terms and
+    keeps their error. So each entry may differ by ``rtol`` of itself plus ``rtol`` of its
+    tensor's largest gradient, which stands for the terms' scale (the entries of one tensor are
+    sums of like terms). The default 1e-4 covers sums of some 1e4 terms (a convolution's weight
+    gradient sums over batch x H x W, 16 x 32 x 32 in the tiny presets: u * sqrt(n) ~ 1e-5) with
+    a factor 10 for the layers a backward passes through; a real bug (a missing, doubled or wrong
+    term) moves gradients by a sizeable fraction of that scale.
+
+    The names in ``zero`` have gradients that vanish by construction (a conv bias in front of a
+    batch normalisation): all of their value is rounding noise, so their own largest entry is no
+    scale; they get ``rtol`` of the largest gradient of all the tensors instead.
+    """
+    assert got.keys() == want.keys(), msg
+    assert set(zero) <= want.keys(), zero
+    tensors = {name: (torch.as_tensor(got[name]), torch.as_tensor(w)) for name, w in want.items()}
+    scales = {name: float(w.abs().max()) if w.numel() else 0.0 for name, (_, w) in tensors.items()}
+    overall = max(scales.values(), default=0.0)
+    for name, (g, w) in tensors.items():
+        scale = overall if name in zero else scales[name]
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m, name=name: f"{msg} {name}: {m}".strip())
+
+
 def train_tiny_gan(out, cache, steps: int = 2) -> None:
     """Train a tiny GAN run of ``steps`` steps into ``out`` (its data cache ``cache``), on one
     thread: the run that module-scoped fixtures of the evaluation tests share."""

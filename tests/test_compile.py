@@ -3,6 +3,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_gradients_close
+
 from fastxmc.losses import info_nce, supcon
 
 
@@ -32,8 +34,10 @@ def test_compiled_model_matches_eager(impl, compiler):
     out = compiled(x, y, labels)
     grads = torch.autograd.grad(out, list(model.parameters()))
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # Inductor fuses and vectorises the sums in its own order; a gradient entry sums over the 12
+    # rows of sums over their partners, ~1e2 terms (u * sqrt(n) ~ 1e-6 of the terms), hence 1e-5
+    # (see assert_gradients_close).
+    assert_gradients_close(dict(enumerate(grads)), dict(enumerate(eager_grads)), rtol=1e-5)
 
 
 def test_fake_tensor_shapes():
@@ -66,5 +70,5 @@ def test_automatic_choice_compiles_at_small_and_changing_sizes(monkeypatch):
         out = compiled(x, y, labels)
         grads = torch.autograd.grad(out, list(model.parameters()))
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-        for g, e in zip(grads, eager_grads):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+        assert_gradients_close(dict(enumerate(grads)), dict(enumerate(eager_grads)), rtol=1e-5,
+                               msg=f"n={n}")

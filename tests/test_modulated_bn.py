@@ -13,7 +13,7 @@ from fastxmc.ops.modulated_bn import registry
 from fastxmc.ops import modulated_bn as ops_mbn
 from fastxmc.ops.registry import IMPL_ENV, BackendUnavailableError, Request
 from fastxmc.reference.modulated_bn import modulated_batch_norm_reference
-from tests.conftest import requires_gpu
+from tests.conftest import assert_gradients_close, requires_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CL = torch.channels_last
@@ -343,8 +343,11 @@ def test_compiled_block_matches_eager(compiler):
         grads = torch.autograd.grad(y.square().sum(), list(model.parameters()))
         outs.append((y, grads, model.running_mean.clone(), model.running_var.clone()))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-    for g, e in zip(outs[1][1], outs[0][1]):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    # Inductor sums in its own order (see assert_gradients_close); the conv bias's gradient is zero
+    # by construction (the batch normalisation removes it): rounding noise of its 2 x 6 x 6 terms.
+    names = [name for name, _ in eager.named_parameters()]
+    assert_gradients_close(dict(zip(names, outs[1][1])), dict(zip(names, outs[0][1])),
+                           zero=["conv.bias"])
     torch.testing.assert_close(outs[1][2], outs[0][2])
     torch.testing.assert_close(outs[1][3], outs[0][3])
     compiled_model.eval()
@@ -366,8 +369,10 @@ def test_automatic_choice_compiles_at_changing_sizes(monkeypatch):
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
         grads = torch.autograd.grad(y.square().sum(), list(compiled_model.parameters()))
         wants = torch.autograd.grad(want.square().sum(), list(eager.parameters()))
-        for g, e in zip(grads, wants):   # the conv bias's gradient is ~0 (BN removes it)
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+        names = [name for name, _ in eager.named_parameters()]
+        # the conv bias's gradient is zero by construction (BN removes it): rounding noise only
+        assert_gradients_close(dict(zip(names, grads)), dict(zip(names, wants)),
+                               zero=["conv.bias"], msg=f"side {side}")
 
 
 def test_fake_tensor_shapes_and_layouts():

@@ -15,7 +15,7 @@ from fastxmc.ops.region_word import region_word_similarity, registry, request_fo
 from fastxmc.ops.registry import BackendUnavailableError
 from fastxmc.reference.region_word import (region_word_loss_reference,
                                            region_word_similarity_reference)
-from tests.conftest import requires_gpu
+from tests.conftest import assert_gradients_close, requires_gpu
 
 BACKENDS = ["reference", "torch", "cpu", "triton"]
 FUSED = ["torch", "cpu", "triton"]
@@ -274,8 +274,9 @@ def test_compiled_model_matches_eager(impl, compiler):
     out = compiled(feats, tokens, mask)
     grads = torch.autograd.grad(out, list(model.parameters()))
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # Inductor sums in its own order; a gradient entry sums over the 4 x 9 regions and 4 x 7 words
+    # of sums over their pairs, ~1e2 terms (u * sqrt(n) ~ 1e-6): see assert_gradients_close.
+    assert_gradients_close(dict(enumerate(grads)), dict(enumerate(eager_grads)), rtol=1e-5)
 
 
 def test_fake_tensor_shapes():

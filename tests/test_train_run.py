@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import full_and_resumed_runs
+from conftest import assert_gradients_close, full_and_resumed_runs
 
 from fastxmc.train import checkpoint as ckpt
 from fastxmc.train import loop
@@ -327,8 +327,11 @@ def test_channels_last_networks_train_like_contiguous_ones(tmp_path, cache):
     torch.testing.assert_close(fw_last.loss_g, fw_plain.loss_g, rtol=1e-5, atol=1e-5)
     for fmt, run in runs.items():
         loop.joint_update(run, forwards[fmt], 1)
-    for a, b in zip(last.d.parameters(), plain.d.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5)
+    # Other oneDNN kernels sum the same terms in another order (see assert_gradients_close; D's
+    # weight gradients sum over batch x positions). D has no normalisation layer, so none of its
+    # gradients is zero by construction.
+    assert_gradients_close({n: p.grad for n, p in last.d.named_parameters()},
+                           {n: p.grad for n, p in plain.d.named_parameters()})
     assert all(last.opt_G.state[w]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
                for w in _spatial_weights(last.g))  # G has no spectral norm: weights are parameters
 
@@ -446,22 +449,33 @@ def test_class_head_needs_labels(tmp_path):
 
 def test_reference_backends_give_the_same_losses(tmp_path, monkeypatch):
     """Convergence check: twenty training steps with the default (fused) backends and with
-    FASTXMC_IMPL=reference follow the same loss curve.
+    FASTXMC_IMPL=reference follow the same loss curve, as closely as rounding lets two runs.
 
-    At the preset's learning rates a GAN trained with Adam is chaotic: Adam's early, nearly
-    sign-like updates turn rounding differences in near-zero gradients into lr-sized parameter
-    differences, and two backends (or two thread counts) part ways after a few steps. At lr 1e-5
-    the trajectory is a smooth function of the rounding, so the curves must agree closely while
-    the losses still move."""
+    A GAN trained with Adam amplifies rounding: Adam's nearly sign-like updates turn rounding
+    differences in near-zero gradients into lr-sized parameter differences, and later steps compound
+    them. No bound from the arithmetic is of use (to first order, |grad|_1 times twice Adam's
+    largest steps: ~4 after 20 steps at lr 1e-5, for losses of ~13), and how far two runs drift
+    depends on the machine. So the test measures the drift that rounding alone causes here, with a
+    third run: the fused backends in the contiguous layout, the same arithmetic summed in another
+    order (see test_channels_last_networks_train_like_contiguous_ones). The reference backends also
+    differ from the fused ones only in rounding, so up to each step their curve must stay within 10x
+    the drift of that control so far, plus 1e-5 (1 + |loss|) for the rounding of one forward; a
+    kernel that computes something else drifts away steadily. The small lr keeps the drift small (a
+    few 1e-5 after 20 steps) while the losses still move."""
     steps = [("run.steps", "20"), ("optim.g_lr", "1e-5"), ("optim.d_lr", "1e-5")]
     loop.train(tiny(tmp_path / "fused", *steps))
+    loop.train(tiny(tmp_path / "control", *steps, ("run.memory_format", "contiguous")))
     monkeypatch.setenv("FASTXMC_IMPL", "reference")
     loop.train(tiny(tmp_path / "reference", *steps))
-    fused, ref = read_metrics(tmp_path / "fused"), read_metrics(tmp_path / "reference")
-    assert len(fused) == len(ref) == 20
-    for a, b in zip(fused, ref):
-        for key in LOSS_KEYS:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), (a["step"], key)
+    fused, control, ref = (read_metrics(tmp_path / run) for run in ("fused", "control", "reference"))
+    assert len(fused) == len(control) == len(ref) == 20
+    for key in LOSS_KEYS:
+        f, c, r = (np.array([record[key] for record in run]) for run in (fused, control, ref))
+        drift = np.maximum.accumulate(np.abs(f - c))
+        allowed = 10 * drift + 1e-5 * (1 + np.abs(r))
+        worst = int(np.argmax(np.abs(f - r) - allowed))
+        assert abs(f[worst] - r[worst]) <= allowed[worst], \
+            (key, worst + 1, f[worst], r[worst], "rounding drift", drift[worst])
     assert abs(fused[-1]["d_hinge"] - fused[0]["d_hinge"]) > 0.05  # training did move
 
 

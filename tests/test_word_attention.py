@@ -6,7 +6,7 @@ from fastxmc.ops import word_attention
 from fastxmc.ops.registry import BackendUnavailableError, Request
 from fastxmc.ops.word_attention import registry
 from fastxmc.reference.region_word import word_attention_reference
-from tests.conftest import requires_gpu
+from tests.conftest import assert_gradients_close, requires_gpu
 
 BACKENDS = ["reference", "cpu", "triton"]
 
@@ -323,8 +323,9 @@ def test_torch_compile_fullgraph(compiler, frozen_words, layout):
     out = compiled(feats, words, mask)
     grads = torch.autograd.grad(out, params)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # Inductor sums in its own order; a gradient entry sums over the 2 x 9 queries of sums over
+    # their 4 words, ~1e2 terms (u * sqrt(n) ~ 1e-6): see assert_gradients_close.
+    assert_gradients_close(dict(enumerate(grads)), dict(enumerate(eager_grads)), rtol=1e-5)
 
 
 def test_fake_tensor_shapes():
