@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from fastxmc.data.folder import DataWarning
 from fastxmc.data.shapes import ShapesConfig, config_hash, ensure_shapes_dataset, read_attributes
 from fastxmc.eval import attributes as attr
 from fastxmc.eval.attributes import (ATTRIBUTE_VALUES, AttributeAccuracy, AttributeClassifier,
@@ -122,7 +123,8 @@ def test_the_classifier_is_cached_by_dataset_and_config(classifier, cache, monke
     junk = cache / "junk-cache"
     (junk / "attributes").mkdir(parents=True)
     (junk / "attributes" / files[0].name).write_bytes(b"truncated")
-    with pytest.raises(AssertionError, match="trained again"):
+    with pytest.raises(AssertionError, match="trained again"), \
+            pytest.warns(DataWarning, match="is damaged .*rebuilding it"):
         ensure_attribute_classifier(root, CLASSIFIER, cache_dir=junk)
 
 
