@@ -225,19 +225,9 @@ HEADER = (f"{'op':<8} {'N':>6} {'provider':<21} {'mode':<4} {'median ms':>10} "
           f"{'p20-p80 ms':>19} {'reps':>4} {'extra MB':>9} {'x mm':>6} {'speedup':>7}  note")
 
 
-def percent_of_h100_bound(op: str, row: dict) -> Optional[float]:
-    """How close a GPU time comes to the H100's paper bound (benchmarks/roofline.py), or None."""
-    if row["status"] != "ok" or not str(row["device"]).startswith("cuda") or not row["median_ms"]:
-        return None
-    shape = {"n": row["n"], "m": row["m"], "d": row["d"], "with_cols": op != "supcon"}
-    return roofline.percent_of_bound(f"infonce_{row['mode']}", shape, row["dtype"],
-                                     row["median_ms"] / 1e3)
-
-
 def print_row(op, n, row: dict):
-    pct = percent_of_h100_bound(op, row)
-    if pct is not None:  # printed beside the time; the CSV keeps its columns (recomputable)
-        row = {**row, "note": f"{pct:.0f}% of the H100 bound; {row['note']}".rstrip("; ")}
+    row = roofline.with_bound_note("infonce", row, {"n": row["n"], "m": row["m"], "d": row["d"],
+                                                    "with_cols": op != "supcon"})
     sweeps.print_table_row(f"{op:<8} {n:>6} {row['provider']:<21} {row['mode']:<4}", row,
                            [("ratio_to_4mm", "6.2f"), ("speedup_vs_materialized", "7.2f")])
 

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, roofline
 from benchmarks import sweep as sweeps
 from fastxmc.ops import modulated_batch_norm
 from fastxmc.ops.modulated_bn import registry
@@ -206,6 +206,9 @@ HEADER = (f"{'B':>3} {'C':>5} {'HxW':>7} {'mod':<7} {'relu':>4} {'provider':<16}
 
 
 def print_row(row: dict) -> None:
+    row = roofline.with_bound_note("modulated_bn", row, {
+        "b": row["b"], "c": row["c"], "h": row["h"], "w": row["w"],
+        "modulation": row["modulation"], "relu": bool(int(row["relu"]))})
     lead = (f"{row['b']:>3} {row['c']:>5} {str(row['h']) + 'x' + str(row['w']):>7} "
             f"{row['modulation']:<7} {row['relu']:>4} {row['provider']:<16} {row['mode']:<4}")
     sweeps.print_table_row(lead, row, [("speedup_vs_composition", "7.2f")], spread_width=17)

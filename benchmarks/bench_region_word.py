@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, roofline
 from benchmarks import sweep as sweeps
 from fastxmc.losses import region_word_loss
 from fastxmc.ops.region_word import registry, request_for
@@ -148,6 +148,8 @@ HEADER = (f"{'B':>5} {'provider':<16} {'mode':<4} {'median ms':>10} {'p20-p80 ms
 
 
 def print_row(n, row: dict):
+    row = roofline.with_bound_note("region_word", row, {"b": n, "t": row["t"], "r": row["r"],
+                                                        "d": row["d"]})
     sweeps.print_table_row(f"{n:>5} {row['provider']:<16} {row['mode']:<4}", row,
                            [("ratio_to_4mm", "6.2f"), ("speedup_vs_reference", "7.2f"),
                             ("memory_vs_reference", "7.3f")])

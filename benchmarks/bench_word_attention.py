@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, roofline
 from benchmarks import sweep as sweeps
 from fastxmc.ops import word_attention
 from fastxmc.ops.registry import Request
@@ -145,6 +145,8 @@ HEADER = (f"{'case':<9} {'B':>3} {'provider':<16} {'mode':<4} {'median ms':>10} 
 
 
 def print_row(row: dict) -> None:
+    row = roofline.with_bound_note("word_attention", row, {"b": row["b"], "r": row["r"],
+                                                           "t": row["t"], "d": row["d"]})
     sweeps.print_table_row(f"{row['case']:<9} {row['b']:>3} {row['provider']:<16} {row['mode']:<4}",
                            row, [("ratio_to_gemm", "6.2f"), ("speedup_vs_reference", "7.2f")],
                            median_fmt=">10.2f", spread_width=15)

@@ -233,6 +233,17 @@ def percent_of_bound(kernel: str, shape: Mapping, dtype, seconds: float,
     return 100.0 * bound(kernel, shape, dtype, device).seconds / seconds
 
 
+def with_bound_note(op: str, row: dict, shape: Mapping) -> dict:
+    """``row`` (a benchmark's printed row: status, device, mode, dtype, median_ms, note) with its
+    percent of the H100 bound put in front of its note when it is a measured GPU row; other rows
+    are returned as they are. The CSV keeps its columns: the figure follows from them."""
+    if row.get("status") != "ok" or not str(row.get("device", "")).startswith("cuda") \
+            or not row.get("median_ms"):
+        return row
+    pct = percent_of_bound(f"{op}_{row['mode']}", shape, row["dtype"], row["median_ms"] / 1e3)
+    return {**row, "note": f"{pct:.0f}% of the H100 bound; {row.get('note') or ''}".rstrip("; ")}
+
+
 # ---------------------------------------------------------------- the benchmarks' shapes
 def benchmark_shapes() -> list:
     """(op, shape) of the shapes the GPU benchmarks measure: bench_infonce in gpu_check.sh quick,

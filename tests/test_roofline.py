@@ -134,12 +134,28 @@ def test_every_benchmark_shape_has_a_bound():
     assert "infonce_full" in roofline.table(("bf16",))
 
 
-def test_bench_infonce_prints_the_percent_of_the_bound_for_gpu_rows_only():
-    from benchmarks import bench_infonce
-    row = dict(status="ok", device="cuda:0", median_ms=66.8, n=65536, m=65536, d=768,
-               dtype="bf16", mode="full")
-    want = roofline.percent_of_bound("infonce_full", {"n": 65536, "m": 65536, "d": 768}, "bf16",
-                                     0.0668)
-    assert bench_infonce.percent_of_h100_bound("infonce", row) == pytest.approx(want)
-    assert bench_infonce.percent_of_h100_bound("infonce", {**row, "device": "cpu"}) is None
-    assert bench_infonce.percent_of_h100_bound("infonce", {**row, "status": "failed"}) is None
+@pytest.mark.parametrize("module,op,row,shape", [
+    ("bench_infonce", "infonce", dict(n=65536, m=65536, d=768), {"n": 65536, "m": 65536, "d": 768}),
+    ("bench_region_word", "region_word", dict(n=64, t=17, r=256, d=768),
+     {"b": 64, "t": 17, "r": 256, "d": 768}),
+    ("bench_word_attention", "word_attention", dict(case="gen", b=16, r=256, t=17, d=768),
+     {"b": 16, "r": 256, "t": 17, "d": 768}),
+    ("bench_modulation", "modulated_bn", dict(b=8, c=96, h=128, w=128, modulation="pixel", relu=1),
+     {"b": 8, "c": 96, "h": 128, "w": 128}),
+])
+def test_the_benchmarks_print_the_percent_of_the_bound_beside_gpu_times(module, op, row, shape,
+                                                                         capsys):
+    import importlib
+    bench = importlib.import_module(f"benchmarks.{module}")
+    row = dict(row, status="ok", device="cuda:0", median_ms=2.5, dtype="bf16", mode="full",
+               provider="fastxmc-cuda", note="", p20_ms=2.4, p80_ms=2.6, reps=5, peak_extra_mb=0.0,
+               ratio_to_4mm=None, ratio_to_gemm=None, speedup_vs_materialized=None,
+               speedup_vs_reference=None, memory_vs_reference=None, speedup_vs_composition=None)
+    want = percent_of_bound(f"{op}_full", shape, "bf16", 2.5e-3)
+    printer = bench.print_row
+    args = (op, row["n"], row) if module == "bench_infonce" else \
+        (row["n"], row) if module == "bench_region_word" else (row,)
+    printer(*args)
+    assert f"{want:.0f}% of the H100 bound" in capsys.readouterr().out
+    printer(*args[:-1], {**row, "device": "cpu"})
+    assert "H100" not in capsys.readouterr().out
