@@ -206,15 +206,54 @@ def append_line(path, line: str) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(folder) -> list:
-    """Delete temporary files a killed process left in ``folder`` (only this module's names)."""
+def process_alive(pid: int) -> bool:
+    """False for a process that is gone or a zombie (dead, not yet reaped by its parent)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:          # exists, owned by someone else
+        return True
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def remove_abandoned_temporaries(folder, name: str | None = None) -> list:
+    """Delete the temporaries in ``folder`` (of the target ``name`` only, when given) whose writing
+    process is gone: a killed write leaves a partial file, a killed cache build a whole folder.
+    Those of a live process are kept, since another process may be writing the same target."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and TEMP_MARK in p.name]
-    for p in stale:
-        _remove_quietly(p)
-    return stale
+    prefix = f".{name}{TEMP_MARK}" if name is not None else "."
+    removed = []
+    for p in folder.iterdir():
+        if not p.name.startswith(prefix) or TEMP_MARK not in p.name:
+            continue
+        try:
+            pid = int(p.name.rpartition(TEMP_MARK)[2].split("-")[0])
+        except ValueError:
+            continue
+        if not process_alive(pid):
+            _remove_quietly(p)
+            removed.append(p)
+    return removed
+
+
+def move_aside(target) -> None:
+    """Remove the directory ``target`` by renaming it to a temporary name first, then deleting
+    it: ``os.replace`` installs a new directory only over a missing or empty one, and the rename
+    makes the old one disappear at once, not file by file under the name readers use."""
+    aside = temporary_path(Path(target))
+    try:
+        os.replace(target, aside)
+    except FileNotFoundError:        # another process moved it first
+        return
+    _remove_quietly(aside)
 
 
 # ---------------------------------------------------------------- integrity of saved states
@@ -236,6 +275,15 @@ def _digest_update(h, value) -> None:
             _digest_update(h, item)
     else:
         h.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def file_sha256(path) -> str:
+    """The sha256 (hex) of the file at ``path``, read in blocks: cache arrays can be gigabytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
 
 
 def state_digest(state: dict) -> str:

@@ -341,8 +341,6 @@ def test_compile_report_compiles_for_sm90_offline():
     out = subprocess.run([sys.executable, "-m", "benchmarks.triton_compile_report", "--kernels",
                           "bwd-rows", "--dtypes", "fp32"], cwd=root, capture_output=True,
                          text=True, timeout=600)
-    if "No module named 'triton.backends.nvidia" in out.stderr:
-        pytest.skip("this Triton has no NVIDIA backend")
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("bwd-rows")]
     assert len(rows) == 2 and all(line.endswith("ok") for line in rows), out.stdout

@@ -25,21 +25,19 @@ killed writer left behind.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from fastxmc.atomic import TEMP_MARK, atomic_write_bytes, temporary_path
+from fastxmc.atomic import atomic_write_bytes
 
 CAPTIONS_FILE = "captions.jsonl"
 
 __all__ = ["CAPTIONS_FILE", "DatasetFormatError", "Record", "read_records", "write_records", "DataWarning",
-           "DamagedCacheError", "warn_rebuilding", "file_sha256", "remove_abandoned_temporaries", "move_aside"]
+           "DamagedCacheError", "warn_rebuilding"]
 
 
 class DatasetFormatError(ValueError):
@@ -184,61 +182,3 @@ def warn_rebuilding(err: DamagedCacheError, what: str) -> None:
     """Report ``err`` in one warning line that also says what is rebuilt (``what``, e.g. "the
     caption cache DIR"): a damaged cache costs a rebuild, never the run."""
     warnings.warn(f"fastxmc.data: {err}; rebuilding {what}", DataWarning, stacklevel=3)
-
-
-def file_sha256(path) -> str:
-    """The sha256 (hex) of the file at ``path``, read in blocks: cache arrays can be gigabytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except PermissionError:          # exists, owned by someone else
-        return True
-    except (ProcessLookupError, OverflowError, ValueError):
-        return False
-    return True
-
-
-def remove_abandoned_temporaries(target) -> None:
-    """Delete the temporaries of ``target`` (:func:`fastxmc.atomic.atomic_target`'s names,
-    ``.NAME.tmp-<pid>-...``) whose process is gone: a killed build leaves a whole directory
-    behind. Those of a live process are kept, since another rank may be writing the same cache."""
-    target = Path(target)
-    prefix = f".{target.name}{TEMP_MARK}"
-    if not target.parent.is_dir():
-        return
-    for p in target.parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        try:
-            pid = int(p.name[len(prefix):].split("-")[0])
-        except ValueError:
-            continue
-        if _pid_alive(pid):
-            continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def move_aside(target) -> None:
-    """Remove the directory ``target`` by renaming it to a temporary name first, then deleting
-    it: ``os.replace`` installs a new directory only over a missing or empty one, and the rename
-    makes the old one disappear at once, not file by file under the name readers use."""
-    target = Path(target)
-    aside = temporary_path(target)
-    try:
-        os.replace(target, aside)
-    except FileNotFoundError:        # another process moved it first
-        return
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        aside.unlink(missing_ok=True)

@@ -61,9 +61,10 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fastxmc.atomic import FileWriteError, atomic_target
-from fastxmc.data.folder import (CAPTIONS_FILE, DamagedCacheError, DatasetFormatError, Record, file_sha256,
-                                 move_aside, read_records, remove_abandoned_temporaries, warn_rebuilding, write_records)
+from fastxmc.atomic import (FileWriteError, atomic_target, file_sha256, move_aside,
+                            remove_abandoned_temporaries)
+from fastxmc.data.folder import (CAPTIONS_FILE, DamagedCacheError, DatasetFormatError, Record,
+                                 read_records, warn_rebuilding, write_records)
 
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "POSITIONS", "BACKGROUND_KINDS", "BACKGROUND_COLORS",
@@ -736,7 +737,7 @@ def _make_way(root: Path, replace: bool) -> None:
 
 def _generate(root: Path, cfg: ShapesConfig, progress: bool, replace: bool) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_temporaries(root)
+    remove_abandoned_temporaries(root.parent, root.name)
     sizes = {s: n for s, n in cfg.split_sizes().items() if n > 0}
     prog = _Progress(progress, sum(sizes.values()))
     t0 = time.monotonic()

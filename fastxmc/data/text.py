@@ -47,9 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastxmc.atomic import FileWriteError, atomic_target
-from fastxmc.data.folder import (DamagedCacheError, file_sha256, move_aside, remove_abandoned_temporaries,
-                                 warn_rebuilding)
+from fastxmc.atomic import (FileWriteError, atomic_target, file_sha256, move_aside,
+                            remove_abandoned_temporaries)
+from fastxmc.data.folder import DamagedCacheError, warn_rebuilding
 
 __all__ = ["MINILM", "resolve_encoder_dir", "encoder_fingerprint", "EncodedCaptions", "FrozenTextEncoder",
            "CaptionCache", "caption_cache_key", "open_caption_cache"]
@@ -438,6 +438,6 @@ def open_caption_cache(strings, encoder, max_tokens: int, cache_dir, *,
             return _open_checked(directory, unique)
         except DamagedCacheError as err:
             warn_rebuilding(err, f"the caption cache {directory}")
-    remove_abandoned_temporaries(directory)
+    remove_abandoned_temporaries(directory.parent, directory.name)
     _build(directory, unique, enc, max_tokens, progress, replace=directory.exists())
     return _open_checked(directory, unique)

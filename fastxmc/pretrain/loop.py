@@ -140,10 +140,9 @@ def check_finite(run: PretrainRun, terms: dict, stop_requested: bool, step: int)
     bad, stop_now = any_rank([not bool(torch.isfinite(values).all()), stop_requested], run.env)
     if bad:
         names = [n for n, v in zip(terms, values.tolist()) if v != v or abs(v) == float("inf")]
-        kept = ckpt.latest_checkpoint(run.run_dir)
         raise NonFiniteLossError(
             f"non-finite loss at step {step}: {', '.join(names) or 'a term on another rank'}. The run "
-            f"stopped without updating; the last good checkpoint is {kept or '(none written yet)'}")
+            f"stopped without updating; {ckpt.last_good_checkpoint(run.run_dir)}")
     return stop_now
 
 

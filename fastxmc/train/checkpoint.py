@@ -32,7 +32,7 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 import torch
 
-from fastxmc.atomic import atomic_torch_save, remove_stale_temporaries, state_digest
+from fastxmc.atomic import atomic_torch_save, remove_abandoned_temporaries, state_digest
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # format 1 has no digest: it loads, its contents unverified
@@ -69,6 +69,16 @@ def latest_checkpoint(run_dir) -> Path | None:
     """The newest checkpoint file by name, unverified (see :func:`newest_valid_checkpoint`)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def last_good_checkpoint(run_dir) -> str:
+    """"the last good checkpoint is PATH" (or that none was written yet), for failure messages:
+    a checkpoint takes its name only once written and verified, so the newest name is good."""
+    try:
+        kept = latest_checkpoint(run_dir)
+    except OSError:
+        kept = None
+    return f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
 
 
 # ---------------------------------------------------------------- integrity
@@ -154,7 +164,7 @@ def newest_valid_checkpoint(run_dir, *, required: Iterable[str] = (), rename_bad
     """
     folder = Path(run_dir) / CHECKPOINT_DIR
     if rename_bad:
-        remove_stale_temporaries(folder)  # the partial file of a write that was killed
+        remove_abandoned_temporaries(folder)  # the partial file of a write that was killed
     tried = []
     for path in reversed(list_checkpoints(run_dir)):
         try:

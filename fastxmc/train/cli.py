@@ -14,11 +14,10 @@ import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 from typing import Callable
 
 from fastxmc.atomic import FileWriteError
-from fastxmc.train.checkpoint import latest_checkpoint
+from fastxmc.train.checkpoint import last_good_checkpoint
 from fastxmc.train.config import parse_command_line
 from fastxmc.train.distributed import PeerLostError
 from fastxmc.train.loop import NonFiniteLossError
@@ -29,14 +28,6 @@ EXIT_NON_FINITE, EXIT_USAGE, EXIT_WRITE, EXIT_PEER_LOST = 1, 2, 3, 4
 
 def debug_requested(cli=None) -> bool:
     return bool(getattr(cli, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def last_good_checkpoint(cfg) -> str:
-    try:
-        kept = latest_checkpoint(Path(cfg.run.out))
-    except OSError:
-        kept = None
-    return f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
 
 
 def _fail(prog: str, message: str, code: int, debug: bool) -> int:
@@ -66,9 +57,9 @@ def run_command(prog: str, argv, usage: str, config_for: Callable, run: Callable
     except (FileExistsError, FileNotFoundError) as err:  # a run in --out without --resume; no valid checkpoint
         return _fail(prog, str(err), EXIT_USAGE, debug)
     except FileWriteError as err:
-        return _fail(prog, f"{err}; the run stopped, {last_good_checkpoint(cfg)}", EXIT_WRITE, debug)
+        return _fail(prog, f"{err}; the run stopped, {last_good_checkpoint(cfg.run.out)}", EXIT_WRITE, debug)
     except PeerLostError as err:
-        return _fail(prog, f"{err}; {last_good_checkpoint(cfg)}; continue with --resume",
+        return _fail(prog, f"{err}; {last_good_checkpoint(cfg.run.out)}; continue with --resume",
                      EXIT_PEER_LOST, debug)
     if result.status != "interrupted":
         return 0

@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fastxmc.atomic import process_alive
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -90,25 +92,9 @@ def lost_ranks(env: DistEnv) -> list:
     for rank, (host, pid) in enumerate(env.processes):
         if rank == env.rank or host != here:
             continue
-        if not _alive(pid):
+        if not process_alive(pid):
             lost.append(rank)
     return lost
-
-
-def _alive(pid: int) -> bool:
-    """False for a process that is gone or a zombie (dead, not yet reaped by torchrun)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            state = handle.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 def peer_lost_error(env: DistEnv, err: BaseException) -> PeerLostError | None:

@@ -731,10 +731,9 @@ def training_loop(cfg: TrainConfig, env: DistEnv, resume: bool) -> RunResult:
             bad_anywhere, stop_now = any_rank([bool(bad), stop.received is not None], env)
             if bad_anywhere:
                 where = ", ".join(bad) if bad else "a term on another rank"
-                kept = ckpt.latest_checkpoint(run_dir)
                 raise NonFiniteLossError(
                     f"non-finite loss at step {step}: {where}. The run stopped without updating; "
-                    f"the last good checkpoint is {kept if kept else '(none written yet)'}")
+                    f"{ckpt.last_good_checkpoint(run_dir)}")
             joint_update(run, fw, step)
             # ---- metrics, samples, checkpoints
             last = step == r.steps or stop_now
